@@ -1,0 +1,18 @@
+"""The methods, free of timm and Lightning: configs, the Lily site, the LoRA site."""
+
+from .build import build_adapter
+from .config import ROUTINGS, SITES, AdapterConfig, LilyConfig, LoRAConfig
+from .lily import LilyAdapter, mix_experts
+from .lora import LoRAAdapter
+
+__all__ = [
+    "ROUTINGS",
+    "SITES",
+    "AdapterConfig",
+    "LilyAdapter",
+    "LilyConfig",
+    "LoRAAdapter",
+    "LoRAConfig",
+    "build_adapter",
+    "mix_experts",
+]

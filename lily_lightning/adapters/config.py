@@ -1,0 +1,105 @@
+"""Adapter configs: plain dataclasses, validated on construction, no timm or Lightning import.
+
+The sites are named after the timm ViT block they touch:
+``q``/``k``/``v`` - added to the query/key/value slice of the fused ``qkv`` projection,
+``proj`` - the attention output projection, ``fc1``/``fc2`` - the MLP's two linears,
+``mlp`` - one adapter parallel to the whole MLP (input: the MLP input, output added to the MLP output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SITES: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2", "mlp")
+ROUTINGS: tuple[str, ...] = ("batch", "sample", "token")
+
+Routing = Literal["batch", "sample", "token"]
+
+
+def _check_targets(targets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError(f"targets is empty; choose one or more of {SITES}")
+    unknown = [t for t in targets if t not in SITES]
+    if unknown:
+        raise ValueError(f"unknown target site(s) {unknown}; valid sites are {SITES}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"targets {targets} name a site twice")
+    return targets
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclass
+class LilyConfig:
+    """Lily (Zhong et al., arXiv 2407.09946) as the paper's ViT experiment runs it.
+
+    Defaults are those of the official ViT code (``visual-adaptation-benchmark/vit/main.py`` and
+    ``lily.py`` of github.com/yibozhong/lily): rank 32, 4 HP experts, scale 1, one LP per
+    ``depth // num_experts`` consecutive blocks, sites k, v and the whole MLP.
+
+    Args:
+        rank: r, the LP output width (the ``mlp`` site uses 2r, as the official code does).
+        num_experts: E, the number of HP experts in each site's model-wide bank.
+        lp_stride: blocks that share one LP; ``None`` means ``depth // num_experts``.
+        scale: s in ``delta = s * HP_mix(LP(x))``.
+        targets: sites to adapt (see module docstring).
+        routing: how the router's softmax mixes the experts: ``batch`` averages it over the batch and
+            tokens (the paper), ``sample`` per image, ``token`` per token.
+    """
+
+    rank: int = 32
+    num_experts: int = 4
+    lp_stride: int | None = None
+    scale: float = 1.0
+    targets: tuple[str, ...] = ("k", "v", "mlp")
+    routing: Routing = "batch"
+
+    def __post_init__(self) -> None:
+        self.targets = _check_targets(self.targets)
+        _check_positive(rank=self.rank, num_experts=self.num_experts)
+        if self.lp_stride is not None:
+            _check_positive(lp_stride=self.lp_stride)
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {self.routing!r}; choose one of {ROUTINGS}")
+
+    def resolve_lp_stride(self, depth: int) -> int:
+        """The LP sharing stride for a model of ``depth`` blocks (official: ``12 // ne``)."""
+        stride = self.lp_stride if self.lp_stride is not None else max(1, depth // self.num_experts)
+        if stride > depth:
+            raise ValueError(
+                f"lp_stride={stride} is larger than the model's depth {depth}; "
+                f"choose lp_stride in [1, {depth}] (or None for depth // num_experts)"
+            )
+        return stride
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA (Hu et al., 2021) as the standard VTAB-1k baseline: r=8, alpha=8 on q and v.
+
+    Built through the same site machinery as Lily, so both are compared on one footing.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("q", "v")
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.targets = _check_targets(self.targets)
+        _check_positive(rank=self.rank, alpha=self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+AdapterConfig = LilyConfig | LoRAConfig

@@ -1,0 +1,95 @@
+"""The Lily site: layer-local LPs, one model-wide HP expert bank, a router per block.
+
+Pure torch. For block ``i`` and input ``x``::
+
+    z = act(LP_{i // lp_stride}(x))          # (..., r)
+    p = softmax(router_i(z))                 # (..., E)
+    delta = s * z @ sum_e w_e HP_e           # w: p averaged as ``routing`` says
+
+``act`` is ReLU for the ``mlp`` site and identity elsewhere, and the ``mlp`` site has rank 2r
+(both as ``lily_adapter`` / ``set_lily_kv`` in the official ``visual-adaptation-benchmark/vit/lily.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LilyConfig, Routing
+
+
+def mix_experts(z: torch.Tensor, probs: torch.Tensor, hp: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``z @ HP_mix`` for each routing; ``z``: (B, ..., r), ``probs``: (B, ..., E), ``hp``: (E, r, out)."""
+    num_experts, rank, out_features = hp.shape
+    if routing == "batch":
+        # The paper: one mix for the whole batch, from the router's softmax averaged over batch and tokens.
+        weights = probs.reshape(-1, num_experts).mean(0)
+        return z @ torch.tensordot(weights, hp, dims=1)
+    if routing == "sample":
+        weights = probs.reshape(probs.shape[0], -1, num_experts).mean(1)  # (B, E)
+        hp_mix = torch.tensordot(weights, hp, dims=1)  # (B, r, out)
+        flat = z.reshape(z.shape[0], -1, rank)
+        return torch.bmm(flat, hp_mix).reshape(*z.shape[:-1], out_features)
+    # token: sum_e p_e (z @ HP_e) == (p outer z) @ [HP_1; ...; HP_E], one matmul over the concatenated
+    # bank, so no (B, N, E, out) tensor is ever built; the largest intermediate is (B, N, E * r).
+    gated = (probs.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
+    return gated @ hp.reshape(num_experts * rank, out_features)
+
+
+class LilyAdapter(nn.Module):
+    """One Lily site across all ``depth`` blocks; ``forward(x, block)`` returns that block's delta.
+
+    The HP bank is one ``nn.Parameter`` owned here, so optimisers, DDP and checkpoints see it once.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        depth: int,
+        rank: int,
+        num_experts: int,
+        lp_stride: int,
+        scale: float,
+        routing: Routing,
+        nonlinear: bool,
+    ) -> None:
+        super().__init__()
+        self.lp_stride = lp_stride
+        self.scale = scale
+        self.routing = routing
+        # LP and router keep nn.Linear's default init and HP starts at zero, as the official code does,
+        # so the adapted model starts exactly at the pretrained one.
+        self.lp = nn.ModuleList(
+            nn.Linear(in_features, rank, bias=False) for _ in range(math.ceil(depth / lp_stride))
+        )
+        self.router = nn.ModuleList(nn.Linear(rank, num_experts, bias=False) for _ in range(depth))
+        self.hp = nn.Parameter(torch.zeros(num_experts, rank, out_features))
+        self.act: nn.Module = nn.ReLU() if nonlinear else nn.Identity()
+
+    def forward(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        z = self.act(self.lp[block // self.lp_stride](x))
+        probs = F.softmax(self.router[block](z), dim=-1)
+        return self.scale * mix_experts(z, probs, self.hp, self.routing)
+
+    def extra_repr(self) -> str:
+        return f"lp_stride={self.lp_stride}, scale={self.scale}, routing={self.routing!r}"
+
+
+def build_lily(config: LilyConfig, site: str, in_features: int, out_features: int, depth: int) -> LilyAdapter:
+    """The adapter for one site; the ``mlp`` site gets rank 2r and a ReLU, as in the official code."""
+    wide = site == "mlp"
+    return LilyAdapter(
+        in_features,
+        out_features,
+        depth,
+        rank=2 * config.rank if wide else config.rank,
+        num_experts=config.num_experts,
+        lp_stride=config.resolve_lp_stride(depth),
+        scale=config.scale,
+        routing=config.routing,
+        nonlinear=wide,
+    )

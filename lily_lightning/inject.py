@@ -1,0 +1,152 @@
+"""Adapter injection into timm Vision Transformers: the one file that knows timm's ViT internals.
+
+Each adapted timm module is wrapped on the model *instance* by an :class:`AdaptedSite` (timm's classes
+are never patched), so the injected model still runs timm's own attention and MLP code. The adapter
+parameters live in one place, ``model.adapters`` (a ``ModuleDict`` keyed by site), and the wrappers
+only hold references to them - so a Lily HP bank shared by every block is one tensor in
+``named_parameters()``, in optimisers, under DDP and in checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .adapters import SITES, AdapterConfig, build_adapter
+
+ADAPTERS_ATTR = "adapters"
+
+# site -> (module path inside a block, which third of the fused qkv output, if any).
+_SITE_MODULES: dict[str, tuple[str, int | None]] = {
+    "q": ("attn.qkv", 0),
+    "k": ("attn.qkv", 1),
+    "v": ("attn.qkv", 2),
+    "proj": ("attn.proj", None),
+    "fc1": ("mlp.fc1", None),
+    "fc2": ("mlp.fc2", None),
+    "mlp": ("mlp", None),
+}
+# Inner modules are wrapped before the modules that contain them (fc1/fc2 before mlp).
+_WRAP_ORDER = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp")
+
+
+@dataclass(frozen=True)
+class _Branch:
+    site: str
+    block: int
+    out_slice: slice | None  # None: the delta covers the whole output
+
+
+class AdaptedSite(nn.Module):
+    """Runs the wrapped timm module unchanged and adds the adapters' deltas to its output.
+
+    The adapters are referenced, not registered, here: ``model.adapters`` owns them.
+    """
+
+    def __init__(self, base: nn.Module, adapters: nn.ModuleDict, branches: list[_Branch]) -> None:
+        super().__init__()
+        self.base = base
+        # A plain tuple keeps the shared adapters out of this module's parameters and state_dict.
+        self._adapters = (adapters,)
+        self.branches = tuple(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        adapters = self._adapters[0]
+        for branch in self.branches:
+            delta = adapters[branch.site](x, branch.block)
+            if branch.out_slice is None:
+                out = out + delta
+            else:
+                # In place into the fresh qkv output (nn.Linear does not save its output for backward),
+                # so q/k/v deltas cost no (B, N, 3 * dim) concatenation.
+                out[..., branch.out_slice] += delta
+        return out
+
+    def extra_repr(self) -> str:
+        return "sites=" + ",".join(f"{b.site}@{b.block}" for b in self.branches)
+
+
+def _site_features(block: nn.Module, site: str) -> tuple[int, int]:
+    """(in_features, out_features) of the delta a site adds, read off the block's own modules."""
+    attn, mlp = block.attn, block.mlp
+    if site in ("q", "k", "v"):
+        return attn.qkv.in_features, attn.qkv.out_features // 3
+    if site == "proj":
+        return attn.proj.in_features, attn.proj.out_features
+    if site == "fc1":
+        return mlp.fc1.in_features, mlp.fc1.out_features
+    if site == "fc2":
+        return mlp.fc2.in_features, mlp.fc2.out_features
+    return mlp.fc1.in_features, mlp.fc2.out_features  # "mlp": parallel to the whole MLP
+
+
+def _check_model(model: nn.Module, targets: tuple[str, ...]) -> list[nn.Module]:
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"inject() needs a timm VisionTransformer (ViT, DeiT, DINOv2, CLIP ViT, ...), got "
+            f"{type(model).__name__}; create one with timm.create_model('vit_base_patch16_224', ...)"
+        )
+    if hasattr(model, ADAPTERS_ATTR):
+        raise ValueError("this model already has adapters injected; inject into a fresh backbone")
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        for site in targets:
+            path = _SITE_MODULES[site][0]
+            if not _is_adaptable(_submodule(block, path), path):
+                raise ValueError(
+                    f"block {i} ({type(block).__name__}) has no plain `{path}` for site {site!r}; the sites "
+                    f"{SITES} need timm's standard Block (a fused attn.qkv Linear, an Mlp with fc1/fc2)"
+                )
+    return blocks
+
+
+def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _is_adaptable(module: nn.Module | None, path: str) -> bool:
+    if path == "mlp":  # adapted as a whole, but its width is read off fc1/fc2
+        return all(isinstance(getattr(module, fc, None), nn.Linear) for fc in ("fc1", "fc2"))
+    return isinstance(module, nn.Linear)
+
+
+def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Freeze every parameter of ``model`` and add ``config``'s adapters at its sites, in place.
+
+    Returns the same model. Load backbone weights *before* injecting: wrapping renames the adapted
+    timm modules' parameters (``attn.qkv.weight`` -> ``attn.qkv.base.weight``).
+    """
+    blocks = _check_model(model, config.targets)
+    depth = len(blocks)
+    adapters = nn.ModuleDict(
+        {
+            site: build_adapter(config, site, *_site_features(blocks[0], site), depth)
+            for site in config.targets
+        }
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    reference = next(model.parameters())
+    adapters.to(device=reference.device, dtype=reference.dtype)
+    model.add_module(ADAPTERS_ATTR, adapters)
+
+    for i, block in enumerate(blocks):
+        by_module: dict[str, list[_Branch]] = {}
+        for site in config.targets:
+            path, third = _SITE_MODULES[site]
+            width = _site_features(block, site)[1]
+            out_slice = None if third is None else slice(third * width, (third + 1) * width)
+            by_module.setdefault(path, []).append(_Branch(site, i, out_slice))
+        for path in _WRAP_ORDER:
+            if path in by_module:
+                parent_path, _, name = path.rpartition(".")
+                parent = block.get_submodule(parent_path) if parent_path else block
+                setattr(parent, name, AdaptedSite(getattr(parent, name), adapters, by_module[path]))
+    return model

@@ -1,0 +1,59 @@
+"""Adapter-only state: save, load and count the tensors ``inject`` added (shared ones once)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .inject import ADAPTERS_ATTR
+
+
+def _adapters(model: nn.Module) -> nn.Module:
+    adapters = getattr(model, ADAPTERS_ATTR, None)
+    if not isinstance(adapters, nn.Module):
+        raise ValueError(
+            "this model has no injected adapters; call lily_lightning.inject(model, config) first"
+        )
+    return adapters
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors alone, keyed ``adapters.<site>.<name>``; each Lily HP bank appears once."""
+    return {
+        f"{ADAPTERS_ATTR}.{name}": tensor.detach()
+        for name, tensor in _adapters(model).state_dict(keep_vars=True).items()
+    }
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`adapter_state_dict` returned into an injected model built with the same config.
+
+    Raises ``ValueError`` naming every missing, unexpected or mis-shaped tensor.
+    """
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected}")
+        if mis_shaped:
+            problems.append(f"wrong shape {mis_shaped}")
+        raise ValueError(
+            "adapter state does not fit this model (was it saved with another adapter config or backbone?): "
+            + "; ".join(problems)
+        )
+    prefix = f"{ADAPTERS_ATTR}."
+    _adapters(model).load_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable adapter parameters, each shared tensor counted once (the head is not included)."""
+    return sum(p.numel() for p in _adapters(model).parameters() if p.requires_grad)

@@ -1,0 +1,117 @@
+"""The method alone (no timm): configs, routing maths, LoRA maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lily_lightning.adapters import LilyAdapter, LilyConfig, LoRAAdapter, LoRAConfig, mix_experts
+
+
+def loop_mix(z: torch.Tensor, probs: torch.Tensor, hp: torch.Tensor, routing: str) -> torch.Tensor:
+    """Second formulation: explicit loops over samples, tokens and experts."""
+    batch, tokens, _ = z.shape
+    out = torch.zeros(batch, tokens, hp.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for n in range(tokens):
+            if routing == "batch":
+                w = probs.mean(dim=(0, 1))
+            elif routing == "sample":
+                w = probs[b].mean(dim=0)
+            else:
+                w = probs[b, n]
+            for e in range(hp.shape[0]):
+                out[b, n] += w[e] * (z[b, n] @ hp[e])
+    return out
+
+
+@pytest.mark.parametrize("routing", ["batch", "sample", "token"])
+def test_mix_experts_matches_loops(routing: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(3, 5, 6, generator=g, dtype=torch.float64), -1)
+    hp = torch.randn(6, 4, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(mix_experts(z, probs, hp, routing), loop_mix(z, probs, hp, routing))
+
+
+def test_batch_routing_hand_computed() -> None:
+    # One token, two experts with p = (0.25, 0.75): HP_mix = 0.25 * HP_0 + 0.75 * HP_1.
+    z = torch.tensor([[[1.0, 2.0]]])
+    probs = torch.tensor([[[0.25, 0.75]]])
+    hp = torch.tensor([[[1.0], [0.0]], [[0.0], [4.0]]])  # HP_0 = [1, 0]^T, HP_1 = [0, 4]^T
+    # HP_mix = [0.25, 3.0]^T, z @ HP_mix = 1 * 0.25 + 2 * 3 = 6.25
+    assert mix_experts(z, probs, hp, "batch").item() == pytest.approx(6.25)
+
+
+def test_token_routing_has_no_expert_by_width_intermediate() -> None:
+    # The largest tensor token routing builds is (B, N, E * r), never (B, N, E, out).
+    z = torch.randn(4, 6, 4)
+    probs = torch.softmax(torch.randn(4, 6, 5), -1)
+    hp = torch.randn(5, 4, 1000)
+    shapes: list[tuple[int, ...]] = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                shapes.append(tuple(out.shape))
+            return out
+
+    with Record():
+        mix_experts(z, probs, hp, "token")
+    # Nothing bigger than the output (4 * 6 * 1000) or the bank itself (5 * 4 * 1000); a per-expert
+    # intermediate would hold 4 * 6 * 5 * 1000.
+    assert max(torch.Size(s).numel() for s in shapes) == 4 * 6 * 1000
+
+
+def test_lily_adapter_forward_by_hand() -> None:
+    adapter = LilyAdapter(
+        3, 2, depth=4, rank=2, num_experts=2, lp_stride=2, scale=0.5, routing="batch", nonlinear=True
+    )
+    assert len(adapter.lp) == 2 and len(adapter.router) == 4 and adapter.hp.shape == (2, 2, 2)
+    with torch.no_grad():
+        adapter.lp[1].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]))
+        adapter.router[3].weight.zero_()  # uniform routing: p = (0.5, 0.5)
+        adapter.hp.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[3.0, 0.0], [0.0, 3.0]]]))
+    x = torch.tensor([[[2.0, 5.0, 7.0]]])
+    # block 3 uses LP 1: z = relu([2, -5]) = [2, 0]; HP_mix = 2 * I; delta = 0.5 * [4, 0]
+    torch.testing.assert_close(adapter(x, 3), torch.tensor([[[2.0, 0.0]]]))
+
+
+def test_lora_adapter_forward_by_hand() -> None:
+    adapter = LoRAAdapter(2, 2, depth=1, rank=1, scaling=2.0, dropout=0.0)
+    assert torch.count_nonzero(adapter.lora_b[0].weight) == 0
+    with torch.no_grad():
+        adapter.lora_a[0].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        adapter.lora_b[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    torch.testing.assert_close(adapter(torch.tensor([[3.0, 4.0]]), 0), torch.tensor([[14.0, -14.0]]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"targets": ("k", "attn")}, "unknown target"),
+        ({"targets": ()}, "empty"),
+        ({"targets": ("k", "k")}, "twice"),
+        ({"rank": 0}, "rank must be > 0"),
+        ({"routing": "expert"}, "unknown routing"),
+    ],
+)
+def test_lily_config_rejects_bad_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LilyConfig(**kwargs)
+
+
+def test_lily_config_defaults_and_stride() -> None:
+    config = LilyConfig(targets=["k", "v"])  # lists (from YAML) become tuples
+    assert config.targets == ("k", "v")
+    assert (config.rank, config.num_experts, config.scale, config.routing) == (32, 4, 1.0, "batch")
+    assert config.resolve_lp_stride(12) == 3  # official: 12 // ne
+    with pytest.raises(ValueError, match=r"lp_stride=13 .* depth 12"):
+        LilyConfig(lp_stride=13).resolve_lp_stride(12)
+
+
+def test_lora_config_scaling_and_validation() -> None:
+    assert LoRAConfig(rank=8, alpha=16).scaling == 2.0
+    with pytest.raises(ValueError, match="dropout"):
+        LoRAConfig(dropout=1.5)
