@@ -1,0 +1,81 @@
+"""Loader plumbing shared by the VTAB-1k and FGVC DataModules."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+Role = Literal["train", "val", "test"]
+
+_STAGE_ROLES: dict[str | None, tuple[Role, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+    None: ("train", "val", "test"),
+}
+
+
+class SplitDataModule(L.LightningDataModule, ABC):
+    """A DataModule whose train/val/test loaders each read a fixed combination of split files.
+
+    Batches are ``(images, labels)``: float32 ``(B, 3, H, W)`` in [0, 1] (the model normalises) and int64
+    ``(B,)``. Subclasses say which split files feed each role (:meth:`role_splits`) and build the datasets
+    (:meth:`make_dataset`); a dataset is built once, on first use, and shared by roles reading the same files.
+    """
+
+    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self._datasets: dict[tuple[tuple[str, ...], bool], Dataset] = {}
+
+    @abstractmethod
+    def role_splits(self) -> dict[Role, tuple[str, ...]]:
+        """Split names read by each role, e.g. ``{"train": ("train800val200",), "val": ("test",), ...}``."""
+
+    @abstractmethod
+    def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
+        """Validate the split files and build their dataset (``train`` selects the training transform)."""
+
+    def dataset(self, role: Role) -> Dataset:
+        splits = self.role_splits()[role]
+        key = (splits, role == "train")
+        if key not in self._datasets:
+            self._datasets[key] = self.make_dataset(*key)
+        return self._datasets[key]
+
+    def setup(self, stage: str | None = None) -> None:
+        # Validate and cache here, in each process before DataLoader workers start: a bad tree fails fast.
+        for role in _STAGE_ROLES[stage]:
+            self.dataset(role)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.dataset("train")
+        # Drop the ragged last batch like the official Lily code, but never all of a small custom train set.
+        return self._loader(train, self.batch_size, shuffle=True, drop_last=len(train) >= self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

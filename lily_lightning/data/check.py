@@ -1,0 +1,252 @@
+"""`lily-lightning data check`: is a VTAB-1k / FGVC tree complete and readable? Answers in seconds."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from lily_lightning.data.fgvc import FGVC_LAYOUT, FGVC_SPLITS, locate_fgvc_dataset
+from lily_lightning.data.images import DECODE_ERRORS, decode_threads
+from lily_lightning.data.records import (
+    ImageRecord,
+    describe,
+    labels_out_of_range,
+    missing_images,
+    read_json_split,
+    read_list_file,
+)
+from lily_lightning.data.tasks import FGVCTask, VTABTask, fgvc_task, vtab_task
+from lily_lightning.data.vtab1k import VTAB_LAYOUT, VTAB_SPLITS, locate_vtab_task
+from lily_lightning.errors import UsageError
+
+_STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "absent": "dim"}
+
+
+@dataclass
+class SplitReport:
+    """What `data check` found for one split file."""
+
+    split: str
+    records: list[ImageRecord] = field(default_factory=list)
+    expected: int | None = None
+    strict: bool = False  # a count other than ``expected`` fails (VTAB's 800/200/1000) instead of warning
+    error: str | None = None  # the split file is missing or malformed
+    absent: bool = False  # a custom task without this (optional) split file
+    out_of_range: list[ImageRecord] = field(default_factory=list)
+    missing: list[ImageRecord] = field(default_factory=list)
+    unreadable: list[ImageRecord] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.absent:
+            return "absent"
+        if self.error or self.out_of_range or self.missing or self.unreadable:
+            return "FAIL"
+        if self.expected is not None and len(self.records) != self.expected:
+            return "FAIL" if self.strict else "warn"
+        return "ok"
+
+
+@dataclass(frozen=True)
+class _Target:
+    kind: str  # "VTAB-1k" or "FGVC"
+    folder: Path
+    task: VTABTask | FGVCTask | None  # None: a custom VTAB-layout task
+
+
+def _probe(path: Path) -> bool:
+    """True if the image decodes. JPEGs decode at reduced scale yet read every byte, so truncation shows."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+    except DECODE_ERRORS:
+        return False
+    return True
+
+
+def _mark_unreadable(reports: Sequence[SplitReport]) -> None:
+    # Splits overlap (train800val200 = train800 + val200): probe each existing file once.
+    missing = {r.path for report in reports for r in report.missing}
+    paths = sorted({r.path for report in reports for r in report.records} - missing)
+    with ThreadPoolExecutor(decode_threads()) as pool:
+        bad = {path for path, ok in zip(paths, pool.map(_probe, paths), strict=True) if not ok}
+    for report in reports:
+        report.unreadable = [r for r in report.records if r.path in bad]
+
+
+def _check_vtab(folder: Path, task: VTABTask | None) -> tuple[list[SplitReport], str]:
+    expected = dict(zip(VTAB_SPLITS, (800, 200, 1000, task.test_size), strict=True)) if task else {}
+    reports = []
+    for split in VTAB_SPLITS:
+        report = SplitReport(split, expected=expected.get(split), strict=split != "test")
+        try:
+            report.records = read_list_file(folder / f"{split}.txt", folder)
+        except UsageError as err:
+            report.error = str(err).strip()
+        reports.append(report)
+    if task is not None:
+        num_classes, note = task.num_classes, f"{task.group}, {task.num_classes} classes"
+    else:
+        labels = [r.label for report in reports for r in report.records]
+        num_classes = max(labels, default=-1) + 1
+        note = f"custom task, {num_classes} classes inferred from the labels"
+        for report in reports:  # a custom task needs only the split files of the split_mode it is used with
+            if report.error and not (folder / f"{report.split}.txt").is_file():
+                report.error, report.absent = None, True
+    for report in reports:
+        report.out_of_range = labels_out_of_range(report.records, num_classes)
+        report.missing = missing_images(report.records)
+    return reports, note
+
+
+def _check_fgvc(folder: Path, task: FGVCTask) -> tuple[list[SplitReport], str]:
+    reports = []
+    for split, size in zip(FGVC_SPLITS, task.split_sizes, strict=True):
+        report = SplitReport(split, expected=size)
+        try:
+            report.records = read_json_split(folder / f"{split}.json", folder / task.image_dir)
+        except UsageError as err:
+            report.error = str(err).strip()
+        report.missing = missing_images(report.records)
+        reports.append(report)
+    distinct = len({r.label for report in reports for r in report.records})
+    if distinct != task.num_classes and reports[0].error is None:
+        reports[
+            0
+        ].error = f"the json files use {distinct} distinct class ids; {task.name} has {task.num_classes}"
+    return reports, f"{task.num_classes} classes"
+
+
+def _table(title: str, reports: Sequence[SplitReport]) -> Table:
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
+    for column in ("split", "images", "expected", "labels", "bad label", "missing", "corrupt", "status"):
+        table.add_column(
+            column, justify="left" if column in ("split", "labels", "status") else "right", no_wrap=True
+        )
+    for report in reports:
+        labels = [r.label for r in report.records]
+        table.add_row(
+            report.split,
+            "-" if (report.error or report.absent) and not report.records else str(len(report.records)),
+            "-" if report.expected is None else str(report.expected),
+            f"{min(labels)}..{max(labels)}" if labels else "-",
+            str(len(report.out_of_range)),
+            str(len(report.missing)),
+            str(len(report.unreadable)),
+            f"[{_STYLE[report.status]}]{report.status}[/]",
+        )
+    return table
+
+
+def _details(reports: Sequence[SplitReport]) -> list[str]:
+    lines = []
+    for report in reports:
+        if report.error:
+            lines.append(f"{report.split}: {report.error}")
+        for what, records in (
+            ("labels out of range", report.out_of_range),
+            ("images listed but not found", report.missing),
+            ("images that do not decode", report.unreadable),
+        ):
+            if records:
+                lines.append(f"{report.split}: {describe(records, what)}")
+        if report.status == "warn":
+            lines.append(
+                f"{report.split}: {len(report.records)} images, the published split has {report.expected}"
+            )
+    return lines
+
+
+def _looks_like_vtab(folder: Path) -> bool:
+    return any((folder / f"{split}.txt").is_file() for split in VTAB_SPLITS)
+
+
+def _find_targets(root: Path, name: str | None) -> list[_Target]:
+    if name is not None:
+        fgvc, vtab = fgvc_task(name), vtab_task(name)
+        if fgvc is not None:
+            try:
+                return [_Target("FGVC", locate_fgvc_dataset(root, fgvc), fgvc)]
+            except UsageError:
+                if vtab is None:  # only an FGVC name: its error is the helpful one
+                    raise
+        task, folder = locate_vtab_task(root, name)
+        return [_Target("VTAB-1k", folder, task)]
+    # No name: root is one task folder, or holds several.
+    targets = []
+    for folder in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
+        fgvc = fgvc_task(folder.name)
+        if fgvc is not None and (folder / "train.json").is_file():
+            targets.append(_Target("FGVC", folder, fgvc))
+        elif _looks_like_vtab(folder):
+            targets.append(_Target("VTAB-1k", folder, vtab_task(folder.name)))
+        if targets and folder == root:
+            break
+    if not targets:
+        raise UsageError(
+            f"Found no VTAB-1k task or FGVC dataset in {root}.\n\n{VTAB_LAYOUT}\n\n{FGVC_LAYOUT}"
+        )
+    return targets
+
+
+def check_tree(root: str | Path, name: str | None = None, console: Console | None = None) -> int:
+    """Check every task under ``root`` (or only ``name``) and print a table per task.
+
+    Returns 0 when all is well (warnings allowed), 1 when a split file is missing or malformed, an image is
+    missing or does not decode, a label is out of range, or a VTAB-1k training split is not 800/200/1000
+    images.
+    Raises UsageError when ``root`` or ``name`` cannot be found.
+    """
+    console = console or Console()
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"{root} does not exist.\n\n{VTAB_LAYOUT}\n\n{FGVC_LAYOUT}")
+    failed = []
+    targets = _find_targets(root, name)
+    for target in targets:
+        if target.kind == "FGVC":
+            reports, note = _check_fgvc(target.folder, target.task)
+        else:
+            reports, note = _check_vtab(target.folder, target.task)
+        _mark_unreadable(reports)
+        label = target.task.name if target.task else target.folder.name
+        console.print(_table(f"{target.kind} {label} ({note}): {target.folder}", reports))
+        for line in _details(reports):
+            console.print(line, markup=False, highlight=False)
+        if any(report.status == "FAIL" for report in reports):
+            failed.append(label)
+    if failed:
+        console.print(
+            f"[bold red]{len(failed)} of {len(targets)} checked with problems:[/] {', '.join(failed)}"
+        )
+        return 1
+    console.print(f"[green]All {len(targets)} checked are complete and readable.[/]")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lily-lightning data check --root R [--name N]``; returns the exit code (2 for unusable arguments)."""
+    parser = argparse.ArgumentParser(
+        prog="lily-lightning data check",
+        description="Verify a VTAB-1k or FGVC data tree: split sizes, label range, every image decodes.",
+    )
+    parser.add_argument("--root", required=True, help="the vtab-1k folder, the FGVC root, or one task folder")
+    parser.add_argument("--name", default=None, help="check only this task (default: every task under root)")
+    args = parser.parse_args(argv)
+    try:
+        return check_tree(args.root, args.name)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,121 @@
+"""The FGVC benchmark (CUB-200-2011, NABirds, Oxford Flowers, Stanford Dogs and Cars) in the VPT layout."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+from torch.utils.data import Dataset
+
+from lily_lightning.data.base import Role, SplitDataModule
+from lily_lightning.data.images import ImageListDataset
+from lily_lightning.data.records import ImageRecord, read_json_split, validate
+from lily_lightning.data.tasks import FGVC_TASKS, FGVCTask, require_fgvc_task
+from lily_lightning.data.transforms import fgvc_eval_transform, fgvc_train_transform
+from lily_lightning.errors import UsageError
+
+FGVC_SPLITS: tuple[str, ...] = ("train", "val", "test")
+FGVC_SOURCE = (
+    "FGVC comes as prepared by VPT: the json splits linked from the VPT repository (github.com/KMnP/vpt, "
+    "data preparation notes) copied into each dataset folder, next to the images from the official archives."
+)
+FGVC_LAYOUT = (
+    "Expected layout (json: {'<image path>': <class id>, ...}, paths relative to the image folder):\n"
+    + "\n".join(
+        f"  <root>/{t.folder}/{{train,val,test}}.json   images under <root>/{t.folder}/{t.image_dir}"
+        for t in FGVC_TASKS.values()
+    )
+    + f"\n{FGVC_SOURCE}"
+)
+
+_ROLE_SPLITS: dict[str, dict[Role, tuple[str, ...]]] = {
+    # VPT's final protocol: train on train+val, report test.
+    "trainval": {"train": ("train", "val"), "val": ("test",), "test": ("test",)},
+    "train_val": {"train": ("train",), "val": ("val",), "test": ("test",)},
+}
+
+
+def locate_fgvc_dataset(root: str | Path, task: FGVCTask) -> Path:
+    """The dataset folder: ``root/<VPT folder>``, ``root/<name>``, or ``root`` itself if it holds the json."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"FGVC root folder {root} does not exist.\n{FGVC_LAYOUT}")
+    for folder in (root / task.folder, root / task.name, root):
+        if (folder / "train.json").is_file():
+            return folder
+    contents = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())[:20]) or "no folders"
+    raise UsageError(
+        f"No {task.folder}/train.json for FGVC dataset {task.name!r} under {root} "
+        f"({root} contains: {contents}).\n"
+        f"{FGVC_LAYOUT}"
+    )
+
+
+def read_fgvc_splits(dataset_dir: Path, task: FGVCTask) -> dict[str, list[ImageRecord]]:
+    """All three splits, class ids mapped to 0..num_classes-1 in sorted order, the same way in every split."""
+    image_root = dataset_dir / task.image_dir
+    hint = f"Fix or re-download {dataset_dir}.\n{FGVC_LAYOUT}"
+    raw = {split: read_json_split(dataset_dir / f"{split}.json", image_root, hint) for split in FGVC_SPLITS}
+    class_ids = sorted({r.label for records in raw.values() for r in records})
+    if len(class_ids) != task.num_classes:
+        raise UsageError(
+            f"The json splits in {dataset_dir} use {len(class_ids)} distinct class ids, but {task.name} has "
+            f"{task.num_classes} classes: the split files are incomplete or belong to another dataset.\n"
+            f"{FGVC_SOURCE}"
+        )
+    contiguous = {class_id: index for index, class_id in enumerate(class_ids)}
+    return {split: [replace(r, label=contiguous[r.label]) for r in records] for split, records in raw.items()}
+
+
+class FGVCDataModule(SplitDataModule):
+    """One FGVC dataset with VPT's splits and transforms (train: resize, random crop, flip; eval: centre
+    crop).
+
+    Yields ``(images, labels)`` with images float32 in [0, 1]; ImageNet normalisation, as VPT uses, is applied
+    by the model (``model.normalize: imagenet`` in the FGVC configs). Class ids are remapped to
+    0..num_classes-1 in sorted order.
+
+    Args:
+        root: folder holding the dataset folders (``CUB_200_2011``, ``nabirds``, ``OxfordFlower``,
+            ``Stanford-dogs``, ``Stanford-cars``), or one dataset folder itself.
+        name: ``cub``, ``nabirds``, ``oxford_flowers``, ``stanford_dogs``, ``stanford_cars`` or an alias.
+        split_mode: ``"trainval"`` (VPT's final runs: train on train+val, validate and test on test) or
+            ``"train_val"`` (train on train, validate on val, for tuning).
+        batch_size: training batch size. eval_batch_size: validation/test/predict batch size.
+        num_workers: DataLoader worker processes.
+        image_size: crop size; images are first resized to 8/7 of it (256 for 224), as in VPT.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        name: str,
+        split_mode: Literal["trainval", "train_val"] = "trainval",
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 4,
+        image_size: int = 224,
+    ):
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        if split_mode not in _ROLE_SPLITS:
+            raise UsageError(f"split_mode must be one of {', '.join(_ROLE_SPLITS)}, got {split_mode!r}.")
+        task = require_fgvc_task(name)
+        self.split_mode = split_mode
+        self.image_size = image_size
+        self.task: str = task.name
+        self.num_classes: int = task.num_classes
+        self.dataset_dir = locate_fgvc_dataset(root, task)
+        self._fgvc_task = task
+        self._splits: dict[str, list[ImageRecord]] | None = None
+
+    def role_splits(self) -> dict[Role, tuple[str, ...]]:
+        return _ROLE_SPLITS[self.split_mode]
+
+    def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
+        if self._splits is None:  # all three json files are needed for the class-id mapping
+            self._splits = read_fgvc_splits(self.dataset_dir, self._fgvc_task)
+        records = [r for split in splits for r in self._splits[split]]
+        validate(records, self.num_classes, f"Fix or re-download {self.dataset_dir}.\n{FGVC_SOURCE}")
+        transform = fgvc_train_transform if train else fgvc_eval_transform
+        return ImageListDataset(records, transform(self.image_size))

@@ -1,0 +1,97 @@
+"""Decoding images, and the two datasets: decode-per-access and decoded-once-into-memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
+
+from lily_lightning.data.records import ImageRecord
+from lily_lightning.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[torch.Tensor, int]
+DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+)  # what PIL raises for unreadable, truncated or non-image files
+
+
+def load_rgb(path: os.PathLike | str) -> Image.Image:
+    """Decode an image fully as RGB; a damaged or non-image file is a UsageError that names it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() decodes everything, so truncation shows up here
+    except DECODE_ERRORS as err:
+        raise UsageError(
+            f"Cannot decode image {path}: {err}. The file is damaged or not an image; re-download or "
+            "re-extract it (`lily-lightning data check --root ...` lists every such file)."
+        ) from err
+
+
+def decode_threads() -> int:
+    # PIL releases the GIL while decoding and resizing, so threads scale without forking a pool.
+    return min(8, os.cpu_count() or 1)
+
+
+class ImageListDataset(Dataset[Sample]):
+    """Decodes and transforms the image on every access: ``(float tensor (3, H, W) in [0, 1], label)``."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable[[Image.Image], torch.Tensor]):
+        self.records = list(records)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        return self.transform(load_rgb(record.path)), record.label
+
+
+class CachedImageDataset(Dataset[Sample]):
+    """Decodes and resizes every image once, into one uint8 tensor ``(N, 3, H, W)``; items match
+    ``ImageListDataset(records, Compose([resize, ToTensor()]))`` pixel for pixel.
+
+    Built in the process that calls ``setup()`` (each DDP rank builds its own); DataLoader workers forked
+    afterwards share the tensor copy-on-write, spawned ones receive it through shared memory.
+    """
+
+    def __init__(
+        self, records: Sequence[ImageRecord], resize: Callable[[Image.Image], Image.Image], what: str
+    ):
+        self.records = list(records)
+        self.labels = [r.label for r in self.records]
+        start = time.perf_counter()
+        log.info(
+            "Decoding %d %s images into memory (decoded once, reused every epoch)...", len(self.records), what
+        )
+
+        def decode(record: ImageRecord) -> torch.Tensor:
+            return pil_to_tensor(resize(load_rgb(record.path)))
+
+        with ThreadPoolExecutor(decode_threads()) as pool:
+            self.images = torch.stack(list(pool.map(decode, self.records)))
+        log.info(
+            "Decoded %d %s images in %.1f s: %s uint8, %.0f MB in memory.",
+            len(self.records),
+            what,
+            time.perf_counter() - start,
+            tuple(self.images.shape),
+            self.images.numel() / 2**20,
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.images[index].float().div(255), self.labels[index]

@@ -1,0 +1,104 @@
+"""Split files -> (image path, label) records, and the checks that keep bad trees from training silently."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lily_lightning.errors import UsageError
+
+_SHOWN = 5  # problems listed per error message; the rest are counted
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a split; ``origin`` says where it was declared (``"train800.txt:17"``), for messages."""
+
+    path: Path
+    label: int
+    origin: str
+
+
+def read_list_file(list_file: Path, image_root: Path, hint: str = "") -> list[ImageRecord]:
+    """Read a VTAB-1k list file: one ``<image path relative to image_root> <integer label>`` per line.
+
+    ``hint`` (what to do about it) ends every error message.
+    """
+    if not list_file.is_file():
+        raise UsageError(f"Missing split file {list_file}.\n{hint}")
+    records = []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)  # from the right, so paths with spaces still parse
+        origin = f"{list_file.name}:{lineno}"
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise UsageError(
+                f"{list_file}:{lineno}: expected '<image path> <integer label>', got {line!r}. "
+                f"The file is damaged or not a VTAB-1k list file.\n{hint}"
+            )
+        records.append(ImageRecord(image_root / parts[0], int(parts[1]), origin))
+    return records
+
+
+def read_json_split(json_file: Path, image_root: Path, hint: str = "") -> list[ImageRecord]:
+    """Read a VPT json split: ``{"<image path relative to image_root>": <integer class id>, ...}``.
+
+    ``hint`` (what to do about it) ends every error message.
+    """
+    if not json_file.is_file():
+        raise UsageError(f"Missing split file {json_file}.\n{hint}")
+    try:
+        mapping = json.loads(json_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{json_file} is not valid json ({err}).\n{hint}") from err
+    if not isinstance(mapping, dict):
+        raise UsageError(
+            f"{json_file} must map image paths to class ids, got a {type(mapping).__name__}.\n{hint}"
+        )
+    records = []
+    for key, label in mapping.items():
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise UsageError(f"{json_file}: class id of {key!r} must be an integer, got {label!r}.\n{hint}")
+        records.append(ImageRecord(image_root / key, label, f"{json_file.name}[{key!r}]"))
+    return records
+
+
+def missing_images(records: Iterable[ImageRecord]) -> list[ImageRecord]:
+    """Records whose image file does not exist (one directory listing per folder, not one stat per image)."""
+    listings: dict[Path, set[str]] = {}
+    missing = []
+    for record in records:
+        folder = record.path.parent
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(folder))
+            except OSError:
+                listings[folder] = set()
+        if record.path.name not in listings[folder]:
+            missing.append(record)
+    return missing
+
+
+def labels_out_of_range(records: Iterable[ImageRecord], num_classes: int) -> list[ImageRecord]:
+    return [r for r in records if not 0 <= r.label < num_classes]
+
+
+def describe(records: Sequence[ImageRecord], what: str) -> str:
+    """``"<count> <what>:"`` followed by the first few records, one per line."""
+    shown = "\n".join(f"  {r.origin}: {r.path} (label {r.label})" for r in records[:_SHOWN])
+    more = f"\n  ... and {len(records) - _SHOWN} more" if len(records) > _SHOWN else ""
+    return f"{len(records)} {what}:\n{shown}{more}"
+
+
+def validate(records: Sequence[ImageRecord], num_classes: int, hint: str) -> None:
+    """Raise a UsageError when a label is outside [0, num_classes) or an image file is missing."""
+    bad = labels_out_of_range(records, num_classes)
+    if bad:
+        raise UsageError(f"{describe(bad, f'labels outside [0, {num_classes})')}\n{hint}")
+    absent = missing_images(records)
+    if absent:
+        raise UsageError(f"{describe(absent, 'images listed but not found')}\n{hint}")

@@ -1,0 +1,153 @@
+"""VTAB-1k in the layout of NOAH / RepAdapter / FacT / the official Lily code."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from torch.utils.data import Dataset
+
+from lily_lightning.data.base import Role, SplitDataModule
+from lily_lightning.data.images import CachedImageDataset, ImageListDataset
+from lily_lightning.data.records import ImageRecord, read_list_file, validate
+from lily_lightning.data.tasks import VTABTask, vtab_names_help, vtab_task
+from lily_lightning.data.transforms import vtab_resize, vtab_transform
+from lily_lightning.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+VTAB_SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
+VTAB_SOURCE = (
+    "VTAB-1k comes as prepared by NOAH / RepAdapter: the `vtab-1k` folder from the Google Drive link in "
+    "their READMEs (github.com/ZhangYuanhan-AI/NOAH, github.com/luogen1996/RepAdapter)."
+)
+VTAB_LAYOUT = f"""Expected layout:
+  <root>/<task>/train800.txt  val200.txt  train800val200.txt  test.txt
+  <root>/<task>/images/...    (each list line: 'images/<split>/<file> <label>', label in [0, num_classes))
+{VTAB_SOURCE} Your own data works in the same layout under a new task name."""
+
+SplitMode = Literal["train800val200", "train800_val200"]
+_ROLE_SPLITS: dict[str, dict[Role, tuple[str, ...]]] = {
+    # The paper protocol: train on all 1,000 images, evaluate on test (as the official code validates).
+    "train800val200": {"train": ("train800val200",), "val": ("test",), "test": ("test",)},
+    # For tuning hyper-parameters without looking at test.
+    "train800_val200": {"train": ("train800",), "val": ("val200",), "test": ("test",)},
+}
+# The 1,000 images are cached (150 MB at 224 px); test splits (up to 74k images) are decoded per access.
+_CACHED_SPLITS = frozenset({"train800", "val200", "train800val200"})
+
+
+def locate_vtab_task(root: str | Path, name: str) -> tuple[VTABTask | None, Path]:
+    """The task (None for a custom one) and its folder under ``root``; a UsageError says what is missing."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"VTAB-1k root folder {root} does not exist.\n{VTAB_LAYOUT}")
+    task = vtab_task(name)
+    candidates = list(dict.fromkeys([name, *((task.name, *task.aliases) if task else ())]))
+    for candidate in candidates:
+        if (root / candidate).is_dir():
+            return task, root / candidate
+    contents = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())[:20]) or "no folders"
+    if task is not None:
+        raise UsageError(
+            f"No folder for VTAB-1k task {task.name!r} under {root} (looked for {', '.join(candidates)}); "
+            f"{root} contains: {contents}.\n{VTAB_LAYOUT}"
+        )
+    raise UsageError(
+        f"Unknown VTAB-1k task {name!r}: it is not one of the 19 tasks and {root / name} does not exist "
+        f"({root} contains: {contents}).\nThe 19 tasks:\n{vtab_names_help()}\n"
+        f"To train on your own images, create {root / name} in the same layout.\n{VTAB_LAYOUT}"
+    )
+
+
+class VTAB1kDataModule(SplitDataModule):
+    """One VTAB-1k task: 1,000 training images resized to ``image_size`` squares (bicubic), no augmentation.
+
+    Yields ``(images, labels)`` with images float32 in [0, 1]: normalisation is done by the model, with its
+    backbone's pretrained mean/std by default (``model.normalize``).
+
+    Args:
+        root: folder holding one sub-folder per task (the ``vtab-1k`` folder of NOAH / RepAdapter).
+        name: one of the 19 task names or an alias (``cifar100``, ``oxford_pet``, ...), or the folder name of
+            your own task in the same layout.
+        split_mode: ``"train800val200"`` (paper protocol: train on all 1,000, validate and test on
+            ``test``) or ``"train800_val200"`` (train on 800, validate on 200, for tuning; test on ``test``).
+        num_classes: only for your own tasks; inferred from the largest label in the list files when omitted.
+        batch_size: training batch size. eval_batch_size: validation/test/predict batch size.
+        num_workers: DataLoader worker processes.
+        image_size: side of the square input images.
+        cache_images: decode the 1,000 training (and val200) images once into memory, as uint8 tensors,
+            instead of decoding them again every epoch. Test images are never cached.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        name: str,
+        split_mode: SplitMode = "train800val200",
+        num_classes: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 4,
+        image_size: int = 224,
+        cache_images: bool = True,
+    ):
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        if split_mode not in _ROLE_SPLITS:
+            raise UsageError(f"split_mode must be one of {', '.join(_ROLE_SPLITS)}, got {split_mode!r}.")
+        self.split_mode = split_mode
+        self.image_size = image_size
+        self.cache_images = cache_images
+        known, self.task_dir = locate_vtab_task(root, name)
+        self.task: str = known.name if known else self.task_dir.name
+        self.group: str | None = known.group if known else None
+        self.num_classes: int = self._num_classes(known, num_classes)
+
+    def _num_classes(self, known: VTABTask | None, given: int | None) -> int:
+        if given is not None and given < 1:
+            raise UsageError(f"num_classes must be positive, got {given}.")
+        if known is not None:
+            if given is not None and given != known.num_classes:
+                raise UsageError(
+                    f"VTAB-1k task {known.name!r} has {known.num_classes} classes, but num_classes={given} "
+                    "was given. Leave num_classes unset for the 19 VTAB-1k tasks."
+                )
+            return known.num_classes
+        if given is not None:
+            return given
+        # A custom task: the list files are cheap to read, the images are not touched here.
+        splits = sorted({s for splits in _ROLE_SPLITS[self.split_mode].values() for s in splits})
+        labels = [r.label for r in self._records(tuple(splits))]
+        inferred = max(labels) + 1
+        log.info(
+            "Task %r is not one of the 19 VTAB-1k tasks: num_classes=%d inferred from the largest label "
+            "in %s. Pass num_classes to set it explicitly.",
+            self.task,
+            inferred,
+            ", ".join(f"{s}.txt" for s in splits),
+        )
+        return inferred
+
+    def _hint(self) -> str:
+        return f"Fix or re-download the task folder {self.task_dir}.\n{VTAB_LAYOUT}"
+
+    def _records(self, splits: tuple[str, ...]) -> list[ImageRecord]:
+        records = []
+        for split in splits:
+            records += read_list_file(self.task_dir / f"{split}.txt", self.task_dir, self._hint())
+        if not records:
+            raise UsageError(f"{', '.join(f'{s}.txt' for s in splits)} in {self.task_dir} list no images.")
+        return records
+
+    def role_splits(self) -> dict[Role, tuple[str, ...]]:
+        return _ROLE_SPLITS[self.split_mode]
+
+    def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
+        records = self._records(splits)
+        validate(records, self.num_classes, self._hint())
+        if self.cache_images and _CACHED_SPLITS.issuperset(splits):
+            return CachedImageDataset(
+                records, vtab_resize(self.image_size), f"{self.task}/{'+'.join(splits)}"
+            )
+        return ImageListDataset(records, vtab_transform(self.image_size))
