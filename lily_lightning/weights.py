@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import pickle
 import re
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from timm.models import load_checkpoint
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -98,7 +99,8 @@ def load_backbone_weights(
     Call it before injecting adapters: keys must be plain timm names. The position table is resampled to the
     model's grid when sizes differ; ``antialias=None`` takes the choice recorded in a ``.safetensors`` file's
     metadata (files from ``prepare demo`` say ``false``, matching the ONNX exporter) and timm's default
-    otherwise. ``path`` may start with ``cache:`` (see `lily_lightning.demo.resolve_path`).
+    otherwise; ``.npz`` files keep timm's JAX-checkpoint rule (bilinear, no antialias). ``path`` may start
+    with ``cache:`` (see `lily_lightning.demo.resolve_path`).
     """
     path = resolve_path(path)
     if not path.is_file():
@@ -108,18 +110,23 @@ def load_backbone_weights(
     if not isinstance(model, VisionTransformer):
         raise UsageError(f"local weights load into a timm VisionTransformer, got {type(model).__name__}")
 
-    interpolation, file_antialias = _pos_embed_resampling(path)
-    filter_fn = partial(
-        _backbone_state_dict,
-        interpolation=interpolation,
-        antialias=file_antialias if antialias is None else antialias,
-    )
     # timm's .npz reader copies a head whose size happens to match; the head belongs to the caller.
     head = {k: v.clone() for k, v in model.head.state_dict().items()}
     try:
+        interpolation, file_antialias = _pos_embed_resampling(path)
+        filter_fn = partial(
+            _backbone_state_dict,
+            interpolation=interpolation,
+            antialias=file_antialias if antialias is None else antialias,
+        )
         result = load_checkpoint(model, str(path), strict=False, filter_fn=filter_fn)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UsageError(f"{path} does not fit {type(model).__name__}: {e}") from e
+    except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        # Damaged files, foreign formats and shape mismatches: the message names the file and the cause.
+        lines = str(e).splitlines()  # torch lists every mismatched tensor: keep the first few
+        if len(lines) > 5:
+            lines = [*lines[:5], f"\t... and {len(lines) - 5} more"]
+        cause = "\n".join(lines)
+        raise UsageError(f"cannot load {path} into this {type(model).__name__}: {cause}") from e
     model.head.load_state_dict(head)
     if result is not None:  # None for .npz, which timm copies tensor by tensor
         missing = [k for k in result.missing_keys if not k.startswith("head.")]

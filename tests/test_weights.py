@@ -113,8 +113,12 @@ def test_missing_file_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_mismatched_file_is_a_usage_error(tmp_path: Path) -> None:
     torch.save(tiny_vit(seed=0, embed_dim=64).state_dict(), tmp_path / "wide.pth")
-    with pytest.raises(UsageError, match="does not fit"):
+    with pytest.raises(UsageError, match=r"(?s)cannot load.*size mismatch for cls_token.*and 26 more"):
         load_backbone_weights(tiny_vit(seed=0), tmp_path / "wide.pth")
+    for name in ("damaged.pth", "damaged.safetensors", "damaged.npz"):
+        (tmp_path / name).write_bytes(b"not a checkpoint")
+        with pytest.raises(UsageError, match=f"cannot load {tmp_path / name}"):
+            load_backbone_weights(tiny_vit(seed=0), tmp_path / name)
     torch.save({"something.else": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(UsageError, match="does not match"):
         load_backbone_weights(tiny_vit(seed=0), tmp_path / "other.pth")
