@@ -41,7 +41,7 @@ MANIFEST = "manifest.json"  # written last into a prepared task folder
 _PER_CLASS = {"train800": 80, "val200": 20, "test": 100}
 _FIT_COMMAND = "python -m lily_lightning fit --config configs/demo.yaml"
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line
 
 
 def default_cache_dir() -> Path:
