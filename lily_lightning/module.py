@@ -1,0 +1,260 @@
+"""The LightningModule: a timm ViT backbone, Lily / LoRA / linear probe / full fine-tuning, a new head."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from .adapters import LilyConfig, LoRAConfig
+from .errors import UsageError
+from .inject import inject
+from .schedule import warmup_cosine_lr
+from .state import count_parameters
+from .weights import load_backbone_weights
+
+Method = Literal["lily", "lora", "linear_probe", "full"]
+Normalize = Literal["backbone", "imagenet", "none"]
+Report = Literal["final", "best_of_evals"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def create_backbone(
+    name: str, weights: str | None, pretrained: bool, drop_path_rate: float, img_size: int | None
+) -> nn.Module:
+    """A timm ViT with its classifier removed; weights from a local file, timm's hub, or random."""
+    kwargs: dict[str, Any] = {"num_classes": 0, "drop_path_rate": drop_path_rate}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:12]
+        raise UsageError(f"unknown timm backbone {name!r}; e.g. {', '.join(close) or 'vit_base_patch16_224'}")
+    hub = pretrained and weights is None
+    try:
+        model = timm.create_model(name, pretrained=hub, **kwargs)
+    except (OSError, RuntimeError) as e:
+        if not hub:
+            raise
+        raise UsageError(
+            f"could not fetch pretrained weights for {name!r} from timm's hub ({type(e).__name__}: {e}). "
+            "Without internet, pass a local file: --model.weights /path/to/weights.(safetensors|pth|npz)"
+        ) from e
+    if weights is not None:
+        load_backbone_weights(model, weights)
+    return model
+
+
+class ViTClassifier(L.LightningModule):
+    """Fine-tune a frozen timm ViT with Lily (default), LoRA, a linear probe, or fully.
+
+    Args:
+        backbone: timm model name, e.g. ``vit_base_patch16_224.orig_in21k`` (the paper's ViT-B/16 IN-21k).
+        num_classes: classes of the new head (the CLI links it from the data module).
+        weights: local ``.safetensors`` / ``.pth`` / ``.npz`` backbone weights (``cache:`` paths are
+            resolved to the user cache, see ``prepare demo``); overrides ``pretrained``.
+        pretrained: with no ``weights``, download timm's pretrained weights (needs internet).
+        method: ``lily`` / ``lora`` (adapters from ``lily`` / ``lora``), ``linear_probe`` (head only),
+            ``full`` (every parameter).
+        lily: Lily's config (used when ``method: lily``).
+        lora: LoRA's config (used when ``method: lora``).
+        img_size: input resolution, if not the backbone's default (the position table is resampled).
+        normalize: input normalisation: the backbone's pretrained mean/std, ImageNet's, or none (the
+            official Lily ViT code feeds [0, 1] pixels). Data modules yield [0, 1] pixels.
+        drop_path_rate: stochastic depth in the frozen backbone (0.1 in the official code).
+        label_smoothing: for the cross-entropy loss.
+        lr, weight_decay: AdamW on the trainable tensors (paper: 1e-3, 1e-4).
+        warmup_epochs, warmup_lr, min_lr: the cosine schedule (paper: 10 epochs from 1e-6, down to 1e-5).
+        report: the accuracy the results line reports: ``final`` (the final model's test accuracy) or
+            ``best_of_evals`` (the best of the validation evaluations and the final test, as the
+            official code reports: with ``split_mode: train800val200`` validation runs on the test split).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_base_patch16_224.orig_in21k",
+        num_classes: int = 1000,
+        weights: str | None = None,
+        pretrained: bool = True,
+        method: Method = "lily",
+        lily: LilyConfig | None = None,
+        lora: LoRAConfig | None = None,
+        img_size: int | None = None,
+        normalize: Normalize = "backbone",
+        drop_path_rate: float = 0.1,
+        label_smoothing: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 10.0,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        report: Report = "final",
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise UsageError(f"num_classes must be >= 2, got {num_classes}")
+        lily = lily if lily is not None else LilyConfig()
+        lora = lora if lora is not None else LoRAConfig()
+        self.save_hyperparameters()
+        self.method, self.report = method, report
+
+        self.model = create_backbone(backbone, weights, pretrained, drop_path_rate, img_size)
+        self.model.reset_classifier(num_classes)
+        if method in ("lily", "lora"):
+            try:
+                inject(self.model, lily if method == "lily" else lora)
+            except ValueError as e:
+                raise UsageError(str(e)) from e
+        elif method == "linear_probe":
+            self.model.requires_grad_(False)
+        self.model.get_classifier().requires_grad_(True)
+        self.adapter_parameters = count_parameters(self.model) if method in ("lily", "lora") else 0
+
+        mean, std = self._normalization(normalize)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+        # Top-1 over all samples (micro); MulticlassAccuracy's default is a macro average over classes.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_best = MaxMetric()
+        # Checkpoints hold only the trainable tensors; the frozen backbone comes from `weights`.
+        self.strict_loading = False
+
+    def _normalization(self, normalize: Normalize) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if normalize == "backbone":
+            cfg = self.model.pretrained_cfg
+            return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+        if normalize == "imagenet":
+            return IMAGENET_MEAN, IMAGENET_STD
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Adapter + head parameters (shared tensors once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+    # -- steps -----------------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        # Draw each epoch's randomness (shuffling, stochastic depth) from a seed fixed by (seed, epoch), so a
+        # run resumed from an epoch-end checkpoint continues exactly as an uninterrupted one.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(seed * 1_000_003 + self.current_epoch + 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.test_acc(self(images), labels)
+        self.log("test/acc", self.test_acc)
+
+    def on_test_epoch_end(self) -> None:
+        final = float(self.test_acc.compute())
+        best = max(final, float(self.val_acc_best.compute())) if self.val_acc_best.update_count else final
+        self.log("test/acc_best_of_evals", best)
+        if self.trainer.is_global_zero:
+            self._print_results(final, best)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        probs = self(images).softmax(-1)
+        confidence, label = probs.max(-1)
+        return {"label": label, "confidence": confidence}
+
+    def _print_results(self, final: float, best: float) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        task = getattr(datamodule, "task", None) or getattr(datamodule, "name", "?")
+        reported = final if self.report == "final" else best
+        # One plain, greppable line (no Rich wrapping).
+        print(
+            f"RESULT task={task} method={self.method} "
+            f"trainable_params={self.trainable_parameters} adapter_params={self.adapter_parameters} "
+            f"top1={reported:.4f} report={self.report} final={final:.4f} best_of_evals={best:.4f}",
+            flush=True,
+        )
+
+    # -- optimisation ----------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        # Weight decay on every trainable tensor, as the official code does.
+        optimizer = torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay
+        )
+        # The curve is defined in epochs (as the paper's) and sampled per step; ``max_steps`` only cuts a run
+        # short, it does not reshape the curve (so an interrupted and resumed run follows the same one).
+        trainer = self.trainer
+        trainer.fit_loop.setup_data()  # idempotent; the train loader's length is needed here
+        steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            total_epochs = float(trainer.max_epochs)
+        else:
+            total_epochs = trainer.estimated_stepping_batches / steps_per_epoch
+
+        def factor(step: int) -> float:
+            epoch = step / steps_per_epoch
+            return (
+                warmup_cosine_lr(epoch, hp.lr, total_epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr)
+                / hp.lr
+            )
+
+        scheduler = LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- adapter-only checkpoints ----------------------------------------------------------------------
+
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["val_acc_best"] = (
+            float(self.val_acc_best.compute()) if self.val_acc_best.update_count else None
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise UsageError(
+                f"the checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[:3]}); "
+                "was it written with another method, adapter config, backbone or class count?"
+            )
+        if checkpoint.get("val_acc_best") is not None:
+            self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
