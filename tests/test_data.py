@@ -169,18 +169,22 @@ def test_labels_and_pixels_round_trip(tmp_path):
     dm = vtab(tmp_path, "eurosat", split_mode="train800_val200", cache_images=False, image_size=12)
     images, labels = all_samples(dm.dataset("train"))
     assert labels == [label for _, label in list_lines(task_dir, "train800")]
-    # image_size equals the file size, so the tensors are the PNG pixels themselves
-    first = np.asarray(Image.open(task_dir / list_lines(task_dir, "train800")[0][0]))
-    assert torch.equal(
-        (images[0] * 255).round().to(torch.uint8), torch.from_numpy(first.copy()).permute(2, 0, 1)
-    )
+    # image_size equals the file size, so the dataset holds the PNG pixels themselves...
+    first = np.array(Image.open(task_dir / list_lines(task_dir, "train800")[0][0]))
+    assert images.dtype == torch.uint8 and torch.equal(images[0], torch.from_numpy(first).permute(2, 0, 1))
+    # ...and the loader hands them over as float in [0, 1], one division per batch
+    batch, batch_labels = next(iter(dm.val_dataloader()))
+    val_images, val_labels = all_samples(dm.dataset("val"))
+    assert torch.equal(batch, val_images.float() / 255) and batch_labels.tolist() == val_labels
 
 
 def test_cache_is_pixel_identical_to_decoding(tmp_path):
     tiny_task(tmp_path, "svhn", 10)
-    cached, _ = all_samples(vtab(tmp_path, "svhn", cache_images=True).dataset("train"))
-    decoded, _ = all_samples(vtab(tmp_path, "svhn", cache_images=False).dataset("train"))
-    assert torch.equal(cached, decoded)
+    modules = [vtab(tmp_path, "svhn", split_mode="train800_val200", cache_images=c) for c in (True, False)]
+    (cached, cached_labels), (decoded, decoded_labels) = (all_samples(m.dataset("train")) for m in modules)
+    assert torch.equal(cached, decoded) and cached_labels == decoded_labels
+    cached_batch, decoded_batch = (next(iter(m.val_dataloader()))[0] for m in modules)  # val200: also cached
+    assert torch.equal(cached_batch, decoded_batch)
 
 
 def test_test_split_is_never_cached(tmp_path):
@@ -431,8 +435,8 @@ def test_fgvc_split_modes_and_transforms(tmp_path):
     assert [len(tuning.dataset(role)) for role in ("train", "val", "test")] == [102, 5, 3]
     train_ops = [type(t).__name__ for t in tuning.dataset("train").transform.transforms]
     eval_ops = [type(t).__name__ for t in tuning.dataset("val").transform.transforms]
-    assert train_ops == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor"]
-    assert eval_ops == ["Resize", "CenterCrop", "ToTensor"]
+    assert train_ops == ["Resize", "RandomCrop", "RandomHorizontalFlip", "PILToTensor"]
+    assert eval_ops == ["Resize", "CenterCrop", "PILToTensor"]
     assert [fgvc_resize_size(s) for s in (224, 384, 448)] == [256, 438, 512]  # VPT's sizes
 
 

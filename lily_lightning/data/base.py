@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lily_lightning.data.images import collate_images
+
 Role = Literal["train", "val", "test"]
 
 _STAGE_ROLES: dict[str | None, tuple[Role, ...]] = {
@@ -24,7 +26,9 @@ class SplitDataModule(L.LightningDataModule, ABC):
     """A DataModule whose train/val/test loaders each read a fixed combination of split files.
 
     Batches are ``(images, labels)``: float32 ``(B, 3, H, W)`` in [0, 1] (the model normalises) and int64
-    ``(B,)``. Subclasses say which split files feed each role (:meth:`role_splits`) and build the datasets
+    ``(B,)``; datasets hold uint8 images, converted a batch at a time by :func:`collate_images`.
+
+    Subclasses say which split files feed each role (:meth:`role_splits`) and build the datasets
     (:meth:`make_dataset`); a dataset is built once, on first use, and shared by roles reading the same files.
     """
 
@@ -64,6 +68,7 @@ class SplitDataModule(L.LightningDataModule, ABC):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_images,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,4 +1,4 @@
-"""Decoding images, and the two datasets: decode-per-access and decoded-once-into-memory."""
+"""Decoding images; the two datasets (decode per access, decode once into memory); the batch collate."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
-from torchvision.transforms.functional import pil_to_tensor
+from torch.utils.data import Dataset, default_collate
 
 from lily_lightning.data.records import ImageRecord
 from lily_lightning.errors import UsageError
@@ -43,8 +42,14 @@ def decode_threads() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+def collate_images(batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack uint8 samples and convert once per batch: float32 ``(B, 3, H, W)`` in [0, 1], int64 labels."""
+    images, labels = default_collate(batch)
+    return images.float().div_(255), labels
+
+
 class ImageListDataset(Dataset[Sample]):
-    """Decodes and transforms the image on every access: ``(float tensor (3, H, W) in [0, 1], label)``."""
+    """Decodes and transforms the image on every access: ``(uint8 tensor (3, H, W), label)``."""
 
     def __init__(self, records: Sequence[ImageRecord], transform: Callable[[Image.Image], torch.Tensor]):
         self.records = list(records)
@@ -59,28 +64,23 @@ class ImageListDataset(Dataset[Sample]):
 
 
 class CachedImageDataset(Dataset[Sample]):
-    """Decodes and resizes every image once, into one uint8 tensor ``(N, 3, H, W)``; items match
-    ``ImageListDataset(records, Compose([resize, ToTensor()]))`` pixel for pixel.
+    """Decodes and transforms every image once, into one uint8 tensor ``(N, 3, H, W)``; items are those of
+    ``ImageListDataset(records, transform)``, so ``transform`` must be deterministic (no augmentation).
 
     Built in the process that calls ``setup()`` (each DDP rank builds its own); DataLoader workers forked
     afterwards share the tensor copy-on-write, spawned ones receive it through shared memory.
     """
 
     def __init__(
-        self, records: Sequence[ImageRecord], resize: Callable[[Image.Image], Image.Image], what: str
+        self, records: Sequence[ImageRecord], transform: Callable[[Image.Image], torch.Tensor], what: str
     ):
         self.records = list(records)
         self.labels = [r.label for r in self.records]
         start = time.perf_counter()
-        log.info(
-            "Decoding %d %s images into memory (decoded once, reused every epoch)...", len(self.records), what
-        )
-
-        def decode(record: ImageRecord) -> torch.Tensor:
-            return pil_to_tensor(resize(load_rgb(record.path)))
-
+        log.info("Decoding %d %s images into memory (once, reused every epoch)...", len(self.records), what)
         with ThreadPoolExecutor(decode_threads()) as pool:
-            self.images = torch.stack(list(pool.map(decode, self.records)))
+            decoded = pool.map(lambda record: transform(load_rgb(record.path)), self.records)
+            self.images = torch.stack(list(decoded))
         log.info(
             "Decoded %d %s images in %.1f s: %s uint8, %.0f MB in memory.",
             len(self.records),
@@ -94,4 +94,4 @@ class CachedImageDataset(Dataset[Sample]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
-        return self.images[index].float().div(255), self.labels[index]
+        return self.images[index], self.labels[index]

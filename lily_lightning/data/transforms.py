@@ -1,6 +1,7 @@
-"""Image transforms. All of them end in ToTensor: float32 in [0, 1], no normalisation.
+"""Image transforms. All of them end in PILToTensor: uint8 (3, H, W), no normalisation.
 
-Normalisation lives in the model (``model.normalize``), which knows its backbone's pretrained mean/std.
+The loaders' collate turns whole batches into float32 in [0, 1] (one conversion per batch, not per image);
+normalisation lives in the model (``model.normalize``), which knows its backbone's pretrained mean/std.
 """
 
 from __future__ import annotations
@@ -8,14 +9,10 @@ from __future__ import annotations
 from torchvision import transforms as T
 
 
-def vtab_resize(image_size: int) -> T.Resize:
-    """The VTAB-1k protocol: squash to ``image_size`` x ``image_size`` with bicubic interpolation."""
-    return T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC)
-
-
 def vtab_transform(image_size: int) -> T.Compose:
-    """VTAB-1k train and eval transform alike: resize, no augmentation."""
-    return T.Compose([vtab_resize(image_size), T.ToTensor()])
+    """VTAB-1k train and eval transform alike: squash to ``image_size`` squares (bicubic), no augmentation."""
+    resize = T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.PILToTensor()])
 
 
 def fgvc_resize_size(image_size: int) -> int:
@@ -30,11 +27,11 @@ def fgvc_train_transform(image_size: int) -> T.Compose:
             T.Resize(fgvc_resize_size(image_size)),
             T.RandomCrop(image_size),
             T.RandomHorizontalFlip(),
-            T.ToTensor(),
+            T.PILToTensor(),
         ]
     )
 
 
 def fgvc_eval_transform(image_size: int) -> T.Compose:
     """VPT's FGVC evaluation transform: short side to 8/7 * image_size, centre crop."""
-    return T.Compose([T.Resize(fgvc_resize_size(image_size)), T.CenterCrop(image_size), T.ToTensor()])
+    return T.Compose([T.Resize(fgvc_resize_size(image_size)), T.CenterCrop(image_size), T.PILToTensor()])

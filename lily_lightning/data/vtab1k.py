@@ -12,7 +12,7 @@ from lily_lightning.data.base import Role, SplitDataModule
 from lily_lightning.data.images import CachedImageDataset, ImageListDataset
 from lily_lightning.data.records import ImageRecord, read_list_file, validate
 from lily_lightning.data.tasks import VTABTask, vtab_names_help, vtab_task
-from lily_lightning.data.transforms import vtab_resize, vtab_transform
+from lily_lightning.data.transforms import vtab_transform
 from lily_lightning.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,7 @@ class VTAB1kDataModule(SplitDataModule):
     def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
         records = self._records(splits)
         validate(records, self.num_classes, self._hint())
+        transform = vtab_transform(self.image_size)
         if self.cache_images and _CACHED_SPLITS.issuperset(splits):
-            return CachedImageDataset(
-                records, vtab_resize(self.image_size), f"{self.task}/{'+'.join(splits)}"
-            )
-        return ImageListDataset(records, vtab_transform(self.image_size))
+            return CachedImageDataset(records, transform, f"{self.task}/{'+'.join(splits)}")
+        return ImageListDataset(records, transform)
