@@ -91,7 +91,19 @@ def main(argv: list[str] | None = None) -> int:
             return data_check_main(args[2:])
         # LightningCLI reads sys.argv itself when called from the command line.
         run_lightning(None if argv is None else args)
-    except UsageError as e:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {e}", highlight=False)
+    except Exception as e:
+        usage_error = _find_usage_error(e)
+        if usage_error is None:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {usage_error}", highlight=False)
         return 2
     return 0
+
+
+def _find_usage_error(error: BaseException | None) -> UsageError | None:
+    """The UsageError behind ``error``: jsonargparse re-raises errors from __init__ as its own ValueError."""
+    while error is not None:
+        if isinstance(error, UsageError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

@@ -150,11 +150,13 @@ class ViTClassifier(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------------
 
-    def on_train_epoch_start(self) -> None:
-        # Draw each epoch's randomness (shuffling, stochastic depth) from a seed fixed by (seed, epoch), so a
-        # run resumed from an epoch-end checkpoint continues exactly as an uninterrupted one.
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(seed * 1_000_003 + self.current_epoch + 1)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Stochastic depth draws from the global RNG: restart it from (seed, epoch) at each epoch's first
+        # batch, after the loader is set up, so a run resumed from an epoch-end checkpoint continues exactly
+        # as an uninterrupted one (the data order is (seed, epoch)-keyed too: data.sampling).
+        if batch_idx == 0:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            torch.manual_seed(seed * 1_000_003 + self.current_epoch + 1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lily_lightning.data.images import collate_images
+from lily_lightning.data.sampling import EpochShuffleSampler
 
 Role = Literal["train", "val", "test"]
 
@@ -63,13 +64,16 @@ class SplitDataModule(L.LightningDataModule, ABC):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self._current_epoch) if shuffle else None,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_images,
         )
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         train = self.dataset("train")

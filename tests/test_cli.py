@@ -1,0 +1,164 @@
+"""End to end through the real CLI entry point: fit -> test -> predict, adapter-only checkpoints, resume."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lily_lightning.cli import main
+from lily_lightning.data import write_synthetic_vtab_task
+
+NUM_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("vtab")
+    write_synthetic_vtab_task(
+        root, "shapes", NUM_CLASSES, n_train800=48, n_val200=16, n_test=64, image_size=32
+    )
+    return root
+
+
+def tiny_run_config(tmp_path: Path, data_root: Path, epochs: int, method: str = "lily") -> Path:
+    """A real config file, as a user writes one: tiny ViT at 32 px, the paper's curve shortened."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"""
+seed_everything: 0
+trainer:
+  max_epochs: {epochs}
+  accelerator: cpu
+  devices: 1
+  deterministic: true
+  log_every_n_steps: 1
+  check_val_every_n_epoch: 1
+  enable_progress_bar: false
+  default_root_dir: {tmp_path / "run"}
+model:
+  backbone: vit_tiny_patch16_224
+  pretrained: false
+  img_size: 32
+  method: {method}
+  lily: {{rank: 4, num_experts: 2}}
+  lora: {{rank: 2, alpha: 2}}
+  drop_path_rate: 0.1
+  lr: 3.0e-3
+  warmup_epochs: 1
+  min_lr: 1.0e-4
+data:
+  class_path: lily_lightning.data.VTAB1kDataModule
+  init_args:
+    root: {data_root}
+    name: shapes
+    batch_size: 16
+    eval_batch_size: 64
+    num_workers: 0
+    image_size: 32
+"""
+    )
+    return config
+
+
+def result_line(text: str) -> dict[str, str]:
+    line = next(line for line in text.splitlines() if line.startswith("RESULT "))
+    return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+def trainable_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, weights_only=False, map_location="cpu")["state_dict"]
+
+
+def test_fit_then_test_learns_and_checkpoints_only_trainable_tensors(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_run_config(tmp_path, data_root, epochs=6)
+    assert main(["fit", "--config", str(config)]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+
+    state = trainable_tensors(checkpoint)
+    # Exactly the adapter and the new head: each shared bank once, no frozen backbone tensor.
+    assert {k for k in state if k.endswith(".hp")} == {f"model.adapters.{s}.hp" for s in ("k", "v", "mlp")}
+    assert all(k.startswith(("model.adapters.", "model.head.")) for k in state)
+    assert state["model.head.weight"].shape[0] == NUM_CLASSES  # linked from the data, never typed
+    dim, depth, rank, experts = 192, 12, 4, 2
+    groups = depth // (depth // experts)
+    kv = groups * dim * rank + experts * rank * dim + depth * rank * experts
+    mlp = groups * dim * 2 * rank + experts * 2 * rank * dim + depth * 2 * rank * experts
+    assert sum(v.numel() for v in state.values()) == 2 * kv + mlp + NUM_CLASSES * (dim + 1)
+
+    capsys.readouterr()
+    assert main(["test", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
+    result = result_line(capsys.readouterr().out)
+    assert result["task"] == "shapes" and result["method"] == "lily"
+    assert float(result["top1"]) >= 0.6  # chance is 0.25 on four balanced classes
+
+    assert main(["predict", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
+    rows = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "index,label,confidence" and len(rows) == 1 + 64
+
+
+def test_resume_from_last_matches_an_uninterrupted_run(tmp_path: Path, data_root: Path) -> None:
+    whole = tiny_run_config(tmp_path / "whole", data_root, epochs=3)
+    assert main(["fit", "--config", str(whole)]) == 0
+
+    # Interrupted after 2 of 3 epochs (64 images / batch 16 = 4 steps each), resumed with `--ckpt_path last`.
+    parts = tiny_run_config(tmp_path / "parts", data_root, epochs=3)
+    assert main(["fit", "--config", str(parts), "--trainer.max_steps", "8"]) == 0
+    assert main(["fit", "--config", str(parts), "--ckpt_path", "last"]) == 0
+
+    expected = trainable_tensors(tmp_path / "whole" / "run" / "checkpoints" / "last.ckpt")
+    resumed = trainable_tensors(tmp_path / "parts" / "run" / "checkpoints" / "last.ckpt")
+    assert expected.keys() == resumed.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, resumed[key]), key
+
+
+@pytest.mark.parametrize("method", ["lora", "linear_probe", "full"])
+def test_baselines_train_the_right_tensors(tmp_path: Path, data_root: Path, method: str) -> None:
+    config = tiny_run_config(tmp_path, data_root, epochs=1, method=method)
+    assert main(["fit", "--config", str(config), "--trainer.limit_train_batches", "1"]) == 0
+    state = trainable_tensors(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    if method == "lora":
+        assert all(k.startswith(("model.adapters.q.", "model.adapters.v.", "model.head.")) for k in state)
+        assert sum(v.numel() for v in state.values()) == 12 * 2 * 2 * (192 + 192) + NUM_CLASSES * 193
+    elif method == "linear_probe":
+        assert set(state) == {"model.head.weight", "model.head.bias"}
+    else:
+        assert "model.blocks.0.attn.qkv.weight" in state
+
+
+def test_missing_data_folder_is_one_clear_message(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_run_config(tmp_path, data_root, epochs=1)
+    assert main(["fit", "--config", str(config), "--data.root", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "does not exist" in err and "Expected layout" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_backbone_and_bad_target_are_one_clear_message(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_run_config(tmp_path, data_root, epochs=1)
+    assert main(["fit", "--config", str(config), "--model.backbone", "vit_tiny_patch99"]) == 2
+    assert "unknown timm backbone 'vit_tiny_patch99'" in capsys.readouterr().err
+    assert main(["fit", "--config", str(config), "--model.lily.targets", "[k, qkv]"]) == 2
+    assert "valid sites are" in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_method_is_refused(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_run_config(tmp_path, data_root, epochs=1, method="linear_probe")
+    assert main(["fit", "--config", str(config), "--trainer.limit_train_batches", "1"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    test = ["test", "--config", str(config), "--model.method", "lily", "--ckpt_path", str(checkpoint)]
+    assert main(test) == 2
+    assert "lacks" in capsys.readouterr().err
