@@ -243,6 +243,20 @@ def test_worker_processes(tmp_path, cache_images):
     assert Counter(seen) == Counter(label for _, label in list_lines(task_dir, "train800val200"))
 
 
+def test_training_order_depends_on_seed_and_epoch_only(tmp_path, monkeypatch):
+    tiny_task(tmp_path, "dmlab", 6, n_train800=30)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+
+    def order(epoch: int) -> list[int]:
+        dm = vtab(tmp_path, "dmlab", batch_size=38)
+        dm._current_epoch = lambda: epoch
+        torch.manual_seed(epoch + 100)  # the global RNG must not matter (a resumed run has another state)
+        return next(iter(dm.train_dataloader()))[1].tolist()
+
+    assert order(3) == order(3) != order(4)
+    assert sorted(order(3)) == sorted(order(4))
+
+
 def test_drop_last_only_when_a_full_batch_remains(tmp_path):
     tiny_task(tmp_path, "dmlab", 6)  # 8 training images
     assert vtab(tmp_path, "dmlab", batch_size=3).train_dataloader().drop_last

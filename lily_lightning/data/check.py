@@ -27,6 +27,7 @@ from lily_lightning.data.records import (
 from lily_lightning.data.tasks import FGVCTask, VTABTask, fgvc_task, vtab_task
 from lily_lightning.data.vtab1k import VTAB_LAYOUT, VTAB_SPLITS, locate_vtab_task
 from lily_lightning.errors import UsageError
+from lily_lightning.paths import resolve_path
 
 _STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "absent": "dim"}
 
@@ -210,7 +211,7 @@ def check_tree(root: str | Path, name: str | None = None, console: Console | Non
     Raises UsageError when ``root`` or ``name`` cannot be found.
     """
     console = console or Console()
-    root = Path(root).expanduser()
+    root = resolve_path(root)
     if not root.is_dir():
         raise UsageError(f"{root} does not exist.\n\n{VTAB_LAYOUT}\n\n{FGVC_LAYOUT}")
     failed = []

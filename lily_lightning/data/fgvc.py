@@ -14,6 +14,7 @@ from lily_lightning.data.records import ImageRecord, read_json_split, validate
 from lily_lightning.data.tasks import FGVC_TASKS, FGVCTask, require_fgvc_task
 from lily_lightning.data.transforms import fgvc_eval_transform, fgvc_train_transform
 from lily_lightning.errors import UsageError
+from lily_lightning.paths import resolve_path
 
 FGVC_SPLITS: tuple[str, ...] = ("train", "val", "test")
 FGVC_SOURCE = (
@@ -38,7 +39,7 @@ _ROLE_SPLITS: dict[str, dict[Role, tuple[str, ...]]] = {
 
 def locate_fgvc_dataset(root: str | Path, task: FGVCTask) -> Path:
     """The dataset folder: ``root/<VPT folder>``, ``root/<name>``, or ``root`` itself if it holds the json."""
-    root = Path(root).expanduser()
+    root = resolve_path(root)
     if not root.is_dir():
         raise UsageError(f"FGVC root folder {root} does not exist.\n{FGVC_LAYOUT}")
     for folder in (root / task.folder, root / task.name, root):

@@ -14,6 +14,7 @@ from lily_lightning.data.records import ImageRecord, read_list_file, validate
 from lily_lightning.data.tasks import VTABTask, vtab_names_help, vtab_task
 from lily_lightning.data.transforms import vtab_transform
 from lily_lightning.errors import UsageError
+from lily_lightning.paths import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ _CACHED_SPLITS = frozenset({"train800", "val200", "train800val200"})
 
 def locate_vtab_task(root: str | Path, name: str) -> tuple[VTABTask | None, Path]:
     """The task (None for a custom one) and its folder under ``root``; a UsageError says what is missing."""
-    root = Path(root).expanduser()
+    root = resolve_path(root)
     if not root.is_dir():
         raise UsageError(f"VTAB-1k root folder {root} does not exist.\n{VTAB_LAYOUT}")
     task = vtab_task(name)
