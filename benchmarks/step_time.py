@@ -1,0 +1,420 @@
+"""Training-step cost of every PEFT method on one timm ViT, side by side in one run.
+
+For one backbone (random init, nothing is downloaded) and one batch size, each row is timed as a full
+training step: forward, cross-entropy, backward, AdamW step. The classifier head is trainable in every
+row (as it is in every real fine-tuning run), so "trainable" counts the head too. Rows:
+
+  floor         frozen backbone, no adapter; backward reaches the first block's input (the patch-embedding
+                output, made to require grad): the least any adapter at every block can cost
+  linear-probe  head only
+  lora          our LoRA, r=8 on q and v
+  lily-batch    our Lily, defaults, routing batch / sample / token
+  full          every parameter
+  peft-lora     HuggingFace PEFT's LoraConfig(r=8, lora_alpha=8) on `qkv`
+  peft-lily     HuggingFace PEFT's LilyConfig(r=32, stride_A=3, num_B=4) on `qkv` and `fc2`, the closest
+                config it can express to ours (it adapts whole modules: no k/v slices, no parallel MLP site)
+
+Noise: the rows are interleaved (one repeat of every row, then the next repeat, alternating the order) and
+each repeat times ``--steps`` steps and keeps their median. The table shows the minimum over repeats (the
+figure ratios use), the median over repeats and the spread (max / min - 1). Compare figures of one run only.
+
+Peak memory: each row runs again in a fresh subprocess (``--memory-repeats`` times, keeping the smallest):
+the peak above what the process held right before its first step, i.e. activations, gradients, optimizer
+state and workspace, not the weights. CPU: the resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs just before the first step; torch has no CPU allocator counter). CUDA:
+torch.cuda.max_memory_allocated.
+
+    python benchmarks/step_time.py                                   # CPU, ViT-B/16, batch 8
+    python benchmarks/step_time.py --device cuda --amp bf16 --batch-size 64
+    python benchmarks/step_time.py --rows lora lily-batch --profile  # torch.profiler, top kernels per row
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lily_lightning import LilyConfig, LoRAConfig, inject
+
+ROWS = (
+    "floor",
+    "linear-probe",
+    "lora",
+    "lily-batch",
+    "lily-sample",
+    "lily-token",
+    "full",
+    "peft-lora",
+    "peft-lily",
+)
+EVAL_ROWS = ("floor", "lora", "lily-batch")  # eval throughput: frozen backbone, LoRA, Lily
+
+
+@dataclass
+class Row:
+    name: str
+    model: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    trainable: int
+
+
+def _floor_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """timm's forward with the graph cut at the first block's input, which alone requires grad."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        x = model.blocks(x.detach().requires_grad_())
+        return model.forward_head(model.norm(x))
+
+    return forward
+
+
+def _peft_model(name: str, model: nn.Module) -> nn.Module:
+    try:
+        import peft
+    except ImportError as error:
+        raise SystemExit(f"row {name!r} needs peft: pip install 'lily_lightning[bench]'") from error
+    if name == "peft-lora":
+        config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"])
+    else:
+        config = peft.LilyConfig(r=32, stride_A=3, num_B=4, target_modules=["qkv", "fc2"])
+    peft.get_peft_model(model, config)  # wraps the timm modules in place; we keep calling the timm model
+    return model
+
+
+def build_row(name: str, args: argparse.Namespace) -> Row:
+    torch.manual_seed(0)
+    model = timm.create_model(
+        args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size
+    )
+    if name == "full":
+        model.requires_grad_(True)
+    elif name.startswith("peft-"):
+        model = _peft_model(name, model)
+    elif name == "lora":
+        inject(model, LoRAConfig(rank=8, targets=("q", "v")))
+    elif name.startswith("lily-"):
+        inject(model, LilyConfig(routing=name.removeprefix("lily-")))
+    else:  # floor, linear-probe
+        model.requires_grad_(False)
+    model.get_classifier().requires_grad_(True)
+    model.to(args.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields shared tensors once
+    forward = _floor_forward(model) if name == "floor" else model
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    return Row(name, model, forward, optimizer, sum(p.numel() for p in params))
+
+
+def _autocast(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    if args.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
+
+
+def _sync(args: argparse.Namespace) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_step(row: Row, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> None:
+    with _autocast(args):
+        loss = F.cross_entropy(row.forward(images), labels)
+    loss.backward()
+    row.optimizer.step()
+    row.optimizer.zero_grad(set_to_none=True)
+
+
+def timed_steps(fn: Callable[[], None], steps: int, args: argparse.Namespace) -> float:
+    """Median seconds of ``steps`` calls of ``fn``."""
+    times = []
+    for _ in range(steps):
+        _sync(args)
+        start = time.perf_counter()
+        fn()
+        _sync(args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]], args: argparse.Namespace, log: Callable[[str], None]
+) -> dict[str, list[float]]:
+    """Warm every row up, then run repeat after repeat of all rows, alternating their order."""
+    for name, fn in fns.items():
+        for _ in range(args.warmup):
+            fn()
+        log(f"  warmed up {name}")
+    results: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for repeat in range(args.repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            results[name].append(timed_steps(fns[name], args.steps, args))
+        log(f"  repeat {repeat + 1}/{args.repeats} done")
+    return results
+
+
+# --- peak memory, one fresh process per row ---------------------------------------------------------
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory(name: str, args: argparse.Namespace) -> float:
+    """Peak MB above the memory held right before the first step, over warm-up + one step."""
+    row = build_row(name, args)
+    images, labels = make_batch(args)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _rss_mb("VmRSS")
+    for _ in range(max(args.warmup, 1) + 1):
+        train_step(row, images, labels, args)
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20 - before
+    return _rss_mb("VmHWM") - before
+
+
+def memory_in_subprocess(name: str, argv: list[str]) -> float:
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-of", name]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory run of {name!r} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)
+    labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator)
+    return images.to(args.device), labels.to(args.device)
+
+
+def header(args: argparse.Namespace) -> str:
+    if args.device.startswith("cuda"):
+        machine = torch.cuda.get_device_name(args.device)
+    else:
+        cpu = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            names = [
+                ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")
+            ]
+            cpu = names[0].split(":", 1)[1].strip() if names else cpu
+        machine = f"{cpu}, {os.cpu_count()} logical cores"
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = "not installed"
+    return (
+        f"# {args.model}, random init, {args.img_size} px, batch {args.batch_size}, "
+        f"{args.num_classes} classes, amp {args.amp}, AdamW\n"
+        f"# device {args.device}: {machine}; torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads; timm {timm.__version__}; peft {peft_version}; python {platform.python_version()}\n"
+        f"# warm-up {args.warmup} step(s), {args.repeats} interleaved repeats x {args.steps} step(s)"
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def format_table(
+    trainable: dict[str, int], times: dict[str, list[float]], memory: dict[str, float | None]
+) -> list[str]:
+    best = {name: min(ts) for name, ts in times.items()}
+    lora, floor = best.get("lora"), best.get("floor")
+    lines = [
+        f"| {'row':<12} | {'trainable':>11} | {'ms/step':>8} | {'median':>8} | {'spread':>6} | "
+        f"{'peak MB':>8} | {'x lora':>6} | {'x floor':>7} |",
+        f"|{'-' * 14}|{'-' * 13}:|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|{'-' * 9}:|{'-' * 7}:|{'-' * 8}:|",
+    ]
+    for name, ts in times.items():
+        mem = memory.get(name)
+        lines.append(
+            f"| {name:<12} | {trainable[name]:>11,} | {best[name] * 1e3:>8.0f} | "
+            f"{statistics.median(ts) * 1e3:>8.0f} | {max(ts) / min(ts) - 1:>6.0%} | "
+            f"{'-' if mem is None else f'{mem:.0f}':>8} | {_ratio(best[name], lora):>6} | "
+            f"{_ratio(best[name], floor):>7} |"
+        )
+    return lines
+
+
+def format_targets(times: dict[str, list[float]], memory: dict[str, float | None]) -> list[str]:
+    """The issue's targets, each as measured / limit and met or not; rows that were not run are skipped."""
+    best = {name: min(ts) for name, ts in times.items()}
+    checks = [
+        ("lily-batch step <= 1.05 x lora", best, "lily-batch", "lora", 1.05),
+        ("lily-batch step <= 1.08 x floor", best, "lily-batch", "floor", 1.08),
+        ("lora step <= 1.00 x peft-lora", best, "lora", "peft-lora", 1.00),
+        ("lily-batch step <= 0.90 x peft-lily", best, "lily-batch", "peft-lily", 0.90),
+        ("lily-token step <= 1.30 x lily-batch", best, "lily-token", "lily-batch", 1.30),
+        ("lily-batch peak <= 1.10 x lora peak", memory, "lily-batch", "lora", 1.10),
+    ]
+    lines = []
+    for label, values, a, b, limit in checks:
+        if values.get(a) is None or not values.get(b):
+            continue
+        ratio = values[a] / values[b]
+        lines.append(f"- {label}: {ratio:.3f} -> {'met' if ratio <= limit else 'NOT met'}")
+    return lines
+
+
+def format_eval(throughput: dict[str, list[float]], batch_size: int) -> list[str]:
+    lines = [
+        f"| {'row':<12} | {'images/s':>8} | {'median':>8} | {'spread':>6} |",
+        f"|{'-' * 14}|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|",
+    ]
+    for name, ts in throughput.items():
+        label = "backbone" if name == "floor" else name
+        lines.append(
+            f"| {label:<12} | {batch_size / min(ts):>8.1f} | {batch_size / statistics.median(ts):>8.1f} | "
+            f"{max(ts) / min(ts) - 1:>6.0%} |"
+        )
+    return lines
+
+
+def profile(
+    rows: dict[str, Row], images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace
+) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    sort_by = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    for name, row in rows.items():
+        train_step(row, images, labels, args)  # warm-up outside the trace
+        with torch_profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                train_step(row, images, labels, args)
+        print(f"\n## profile of {name} ({args.steps} step(s))")
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows))
+
+
+def run(args: argparse.Namespace, argv: list[str], log: Callable[[str], None] = print) -> dict:
+    """Build the rows, time them interleaved, measure memory and eval throughput; returns all figures."""
+    rows = {}
+    for name in args.rows:
+        rows[name] = build_row(name, args)
+        log(f"  built {name}: {rows[name].trainable:,} trainable")
+    images, labels = make_batch(args)
+    if args.profile:
+        profile(rows, images, labels, args)
+        return {}
+
+    step_fns = {name: (lambda row=row: train_step(row, images, labels, args)) for name, row in rows.items()}
+    times = interleaved(step_fns, args, log)
+
+    throughput: dict[str, list[float]] = {}
+    eval_names = [name for name in EVAL_ROWS if name in rows] if args.eval else []
+    if eval_names:
+
+        def infer(model: nn.Module) -> None:
+            with torch.inference_mode(), _autocast(args):
+                model(images)
+
+        for name in eval_names:
+            rows[name].model.eval()
+        throughput = interleaved({n: (lambda m=rows[n].model: infer(m)) for n in eval_names}, args, log)
+
+    trainable = {name: row.trainable for name, row in rows.items()}
+    rows.clear()  # free the models before the memory subprocesses run
+    memory: dict[str, float | None] = {name: None for name in args.rows}
+    if args.memory_repeats:
+        for name in args.rows:
+            memory[name] = min(memory_in_subprocess(name, argv) for _ in range(args.memory_repeats))
+            log(f"  memory of {name}: {memory[name]:.0f} MB")
+    return {"trainable": trainable, "times": times, "memory": memory, "throughput": throughput}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random init)")
+    parser.add_argument("--img-size", type=int, default=224, help="input resolution in pixels")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step")
+    parser.add_argument("--num-classes", type=int, default=100, help="classifier head width")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast (use on GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable cores)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run, in order")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row before timing")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every row")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row per repeat (median kept)")
+    parser.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=1,
+        help="fresh subprocesses per row for peak memory (smallest kept); 0 skips memory",
+    )
+    parser.add_argument("--no-eval", dest="eval", action="store_false", help="skip the eval throughput table")
+    parser.add_argument(
+        "--profile", action="store_true", help="print torch.profiler tables instead of timing"
+    )
+    parser.add_argument("--profile-rows", type=int, default=15, help="kernels listed per profiled row")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one memory run, JSON out
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.memory_of:
+        print(json.dumps({"peak_mb": measure_memory(args.memory_of, args)}))
+        return
+    print(header(args), flush=True)
+    started = time.perf_counter()
+    figures = run(args, argv, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not figures:
+        return
+    print("\n## training step (forward + backward + AdamW step)\n")
+    print("\n".join(format_table(figures["trainable"], figures["times"], figures["memory"])))
+    if figures["throughput"]:
+        print(f"\n## eval throughput (inference_mode, batch {args.batch_size})\n")
+        print("\n".join(format_eval(figures["throughput"], args.batch_size)))
+    targets = format_targets(figures["times"], figures["memory"])
+    if targets:
+        print("\n## targets (ratios of the ms/step and peak MB columns above)\n")
+        print("\n".join(targets))
+    print(f"\n# wall time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
