@@ -300,7 +300,7 @@ def test_list_file_naming_a_missing_image(tmp_path):
     path, _ = list_lines(task_dir, "train800val200")[2]
     (task_dir / path).unlink()
     with pytest.raises(
-        UsageError, match=rf"1 images listed but not found:\n  train800val200.txt:3: .*{path}"
+        UsageError, match=rf"images listed but not found \(1\):\n  train800val200.txt:3: .*{path}"
     ):
         vtab(tmp_path, "dtd").setup("fit")
 
@@ -310,7 +310,7 @@ def test_label_out_of_range(tmp_path):
     lines = (task_dir / "test.txt").read_text().splitlines()
     lines[1] = lines[1].rsplit(maxsplit=1)[0] + " 4"
     (task_dir / "test.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(UsageError, match=r"labels outside \[0, 4\):\n  test.txt:2: .*\(label 4\)"):
+    with pytest.raises(UsageError, match=r"labels outside \[0, 4\) \(1\):\n  test.txt:2: .*\(label 4\)"):
         vtab(tmp_path, "kitti").setup("test")
 
 
@@ -474,7 +474,7 @@ def test_fgvc_wrong_class_count_and_missing_image(tmp_path):
     folder = tmp_path / "Stanford-dogs"
     first = next(iter(contents["test"]))
     (folder / "Images" / first).unlink()
-    with pytest.raises(UsageError, match=rf"images listed but not found:\n  test.json\[{first!r}\]"):
+    with pytest.raises(UsageError, match=rf"images listed but not found \(1\):\n  test.json\[{first!r}\]"):
         fgvc(tmp_path, "stanford_dogs").setup("test")
     del contents["train"]["116.class/train_116.jpg"]  # a class that is in no other split
     (folder / "train.json").write_text(json.dumps(contents["train"]))

@@ -123,7 +123,7 @@ def test_fgvc_tree(tmp_path):
     assert rows(output)["train"][:3] == ["102", "1020", "1..102"]
     (folder / "c1" / "test1.png").unlink()
     code, output = run_check(tmp_path, "flowers102")
-    assert code == 1 and "test: 1 images listed but not found" in output
+    assert code == 1 and "test: images listed but not found (1)" in output
 
 
 def test_unusable_arguments(tmp_path, capsys):

@@ -88,10 +88,10 @@ def labels_out_of_range(records: Iterable[ImageRecord], num_classes: int) -> lis
 
 
 def describe(records: Sequence[ImageRecord], what: str) -> str:
-    """``"<count> <what>:"`` followed by the first few records, one per line."""
+    """``"<what> (<count>):"`` followed by the first few records, one per line."""
     shown = "\n".join(f"  {r.origin}: {r.path} (label {r.label})" for r in records[:_SHOWN])
     more = f"\n  ... and {len(records) - _SHOWN} more" if len(records) > _SHOWN else ""
-    return f"{len(records)} {what}:\n{shown}{more}"
+    return f"{what} ({len(records)}):\n{shown}{more}"
 
 
 def validate(records: Sequence[ImageRecord], num_classes: int, hint: str) -> None:
