@@ -6,6 +6,7 @@ The Lightning subcommands take YAML configs (``--config``, layered left to right
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
+from rich.logging import RichHandler
 
 from .errors import UsageError
 from .module import ViTClassifier
@@ -74,8 +76,17 @@ def run_lightning(args: list[str] | None) -> None:
     )
 
 
+def _show_package_logs() -> None:
+    """Our INFO lines (an inferred class count, cache building) reach the console, like Lightning's own."""
+    logger = logging.getLogger("lily_lightning")
+    if not logger.handlers:
+        logger.addHandler(RichHandler(show_path=False, show_time=False))
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    _show_package_logs()
     try:
         if args[:1] == ["prepare"]:
             if args[1:2] != ["demo"]:
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         usage_error = _find_usage_error(e)
         if usage_error is None:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {usage_error}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {usage_error}", highlight=False)
         return 2
     return 0
 
