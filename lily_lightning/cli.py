@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         usage_error = _find_usage_error(e)
         if usage_error is None:
             raise
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {usage_error}", highlight=False)
+        console = Console(stderr=True, soft_wrap=True, highlight=False)
+        console.print(f"[bold red]error:[/bold red] {usage_error}")
         return 2
     return 0
 
