@@ -37,7 +37,7 @@ _WRAP_ORDER = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp")
 class _Branch:
     site: str
     block: int
-    out_slice: slice | None  # None: the delta covers the whole output
+    third: int | None  # which third of the fused qkv output the delta covers; None: the whole output
 
 
 class AdaptedSite(nn.Module):
@@ -56,14 +56,19 @@ class AdaptedSite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         adapters = self._adapters[0]
+        thirds: dict[int, torch.Tensor] = {}
         for branch in self.branches:
             delta = adapters[branch.site](x, branch.block)
-            if branch.out_slice is None:
+            if branch.third is None:
                 out = out + delta
             else:
-                # In place into the fresh qkv output (nn.Linear does not save its output for backward),
-                # so q/k/v deltas cost no (B, N, 3 * dim) concatenation.
-                out[..., branch.out_slice] += delta
+                thirds[branch.third] = delta
+        if thirds:
+            # One concatenated delta (zeros for unadapted thirds) and one add. Writing each third in place
+            # instead looks cheaper but is not: autograd's backward of an in-place write into a slice
+            # (CopySlices) copies the whole (B, N, 3 * dim) gradient for every adapted third.
+            zeros = out.new_zeros(()).expand(*out.shape[:-1], out.shape[-1] // 3)
+            out = out + torch.cat([thirds.get(i, zeros) for i in range(3)], dim=-1)
         return out
 
     def extra_repr(self) -> str:
@@ -141,9 +146,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         by_module: dict[str, list[_Branch]] = {}
         for site in config.targets:
             path, third = _SITE_MODULES[site]
-            width = _site_features(block, site)[1]
-            out_slice = None if third is None else slice(third * width, (third + 1) * width)
-            by_module.setdefault(path, []).append(_Branch(site, i, out_slice))
+            by_module.setdefault(path, []).append(_Branch(site, i, third))
         for path in _WRAP_ORDER:
             if path in by_module:
                 parent_path, _, name = path.rpartition(".")

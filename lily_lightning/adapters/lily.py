@@ -73,7 +73,8 @@ class LilyAdapter(nn.Module):
     def forward(self, x: torch.Tensor, block: int) -> torch.Tensor:
         z = self.act(self.lp[block // self.lp_stride](x))
         probs = F.softmax(self.router[block](z), dim=-1)
-        return self.scale * mix_experts(z, probs, self.hp, self.routing)
+        # The mix is linear in z, so scale the rank-r z (after the router has seen it), not the wide delta.
+        return mix_experts(z * self.scale, probs, self.hp, self.routing)
 
     def extra_repr(self) -> str:
         return f"lp_stride={self.lp_stride}, scale={self.scale}, routing={self.routing!r}"

@@ -24,7 +24,8 @@ class LoRAAdapter(nn.Module):
             nn.init.zeros_(b.weight)
 
     def forward(self, x: torch.Tensor, block: int) -> torch.Tensor:
-        return self.scaling * self.lora_b[block](self.lora_a[block](self.dropout(x)))
+        # Scaling the rank-r activation, not the output, is the same map at 1/r-th of an output-wide multiply.
+        return self.lora_b[block](self.lora_a[block](self.dropout(x)) * self.scaling)
 
     def extra_repr(self) -> str:
         return f"scaling={self.scaling}"
