@@ -250,25 +250,44 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table, first column left-aligned and the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = (
+        "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    )
+    return [line(header), rule, *(line(r) for r in rows)]
+
+
 def format_table(
     trainable: dict[str, int], times: dict[str, list[float]], memory: dict[str, float | None]
 ) -> list[str]:
     best = {name: min(ts) for name, ts in times.items()}
     lora, floor = best.get("lora"), best.get("floor")
-    lines = [
-        f"| {'row':<12} | {'trainable':>11} | {'ms/step':>8} | {'median':>8} | {'spread':>6} | "
-        f"{'peak MB':>8} | {'x lora':>6} | {'x floor':>7} |",
-        f"|{'-' * 14}|{'-' * 13}:|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|{'-' * 9}:|{'-' * 7}:|{'-' * 8}:|",
-    ]
+    rows = []
     for name, ts in times.items():
         mem = memory.get(name)
-        lines.append(
-            f"| {name:<12} | {trainable[name]:>11,} | {best[name] * 1e3:>8.0f} | "
-            f"{statistics.median(ts) * 1e3:>8.0f} | {max(ts) / min(ts) - 1:>6.0%} | "
-            f"{'-' if mem is None else f'{mem:.0f}':>8} | {_ratio(best[name], lora):>6} | "
-            f"{_ratio(best[name], floor):>7} |"
+        rows.append(
+            [
+                name,
+                f"{trainable[name]:,}",
+                f"{best[name] * 1e3:.0f}",
+                f"{statistics.median(ts) * 1e3:.0f}",
+                f"{max(ts) / min(ts) - 1:.0%}",
+                "-" if mem is None else f"{mem:.0f}",
+                _ratio(best[name], lora),
+                _ratio(best[name], floor),
+            ]
         )
-    return lines
+    header = ["row", "trainable", "ms/step", "median ms", "spread", "peak MB", "x lora", "x floor"]
+    return markdown_table(header, rows)
 
 
 def format_targets(times: dict[str, list[float]], memory: dict[str, float | None]) -> list[str]:
@@ -292,17 +311,16 @@ def format_targets(times: dict[str, list[float]], memory: dict[str, float | None
 
 
 def format_eval(throughput: dict[str, list[float]], batch_size: int) -> list[str]:
-    lines = [
-        f"| {'row':<12} | {'images/s':>8} | {'median':>8} | {'spread':>6} |",
-        f"|{'-' * 14}|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|",
+    rows = [
+        [
+            "backbone" if name == "floor" else name,
+            f"{batch_size / min(ts):.1f}",
+            f"{batch_size / statistics.median(ts):.1f}",
+            f"{max(ts) / min(ts) - 1:.0%}",
+        ]
+        for name, ts in throughput.items()
     ]
-    for name, ts in throughput.items():
-        label = "backbone" if name == "floor" else name
-        lines.append(
-            f"| {label:<12} | {batch_size / min(ts):>8.1f} | {batch_size / statistics.median(ts):>8.1f} | "
-            f"{max(ts) / min(ts) - 1:>6.0%} |"
-        )
-    return lines
+    return markdown_table(["row", "images/s", "median images/s", "spread"], rows)
 
 
 def profile(
@@ -375,8 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable cores)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run, in order")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row before timing")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every row")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per row per repeat (median kept)")
+    parser.add_argument("--repeats", type=int, default=6, help="interleaved repeats of every row")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per row per repeat (median kept)")
     parser.add_argument(
         "--memory-repeats",
         type=int,
