@@ -13,7 +13,8 @@ class EpochShuffleSampler(Sampler[int]):
     """A random permutation per epoch drawn from ``(seed, epoch)`` alone, never from the global RNG.
 
     ``epoch`` is asked for the current epoch each time iteration starts (the DataModule passes the trainer's).
-    ``seed`` defaults to the one ``seed_everything`` set (``PL_GLOBAL_SEED``), else to a random draw.
+    ``seed`` defaults to the one ``seed_everything`` set (``PL_GLOBAL_SEED``), else 0 - never a per-process
+    draw, since under DDP every rank must walk the same permutation (as ``DistributedSampler``'s seed 0).
     """
 
     def __init__(self, size: int, epoch: Callable[[], int], seed: int | None = None):
@@ -21,7 +22,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
         if seed is None:
             env_seed = os.environ.get("PL_GLOBAL_SEED")
-            seed = int(env_seed) if env_seed is not None else int(torch.randint(2**31, ()).item())
+            seed = int(env_seed) if env_seed is not None else 0
         self.seed = seed
 
     def __iter__(self) -> Iterator[int]:
