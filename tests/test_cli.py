@@ -98,6 +98,7 @@ def test_fit_then_test_learns_and_checkpoints_only_trainable_tensors(
     assert result["task"] == "shapes" and result["method"] == "lily"
     assert float(result["top1"]) >= 0.6  # chance is 0.25 on four balanced classes
 
+    assert main(["validate", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
     assert main(["predict", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
     rows = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
     assert rows[0] == "index,label,confidence" and len(rows) == 1 + 64
