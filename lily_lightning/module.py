@@ -87,8 +87,8 @@ class ViTClassifier(L.LightningModule):
         weights: str | None = None,
         pretrained: bool = True,
         method: Method = "lily",
-        lily: LilyConfig | None = None,
-        lora: LoRAConfig | None = None,
+        lily: LilyConfig = LilyConfig(),  # noqa: B008 - configs are never mutated; a plain (non-Optional)
+        lora: LoRAConfig = LoRAConfig(),  # noqa: B008   type lets the CLI report a bad value in one line
         img_size: int | None = None,
         normalize: Normalize = "backbone",
         drop_path_rate: float = 0.1,
@@ -103,8 +103,6 @@ class ViTClassifier(L.LightningModule):
         super().__init__()
         if num_classes < 2:
             raise UsageError(f"num_classes must be >= 2, got {num_classes}")
-        lily = lily if lily is not None else LilyConfig()
-        lora = lora if lora is not None else LoRAConfig()
         self.save_hyperparameters()
         self.method, self.report = method, report
 

@@ -1,5 +1,7 @@
 """Adapter configs: plain dataclasses, validated on construction, no timm or Lightning import.
 
+Invalid values raise ``UsageError`` (a ``ValueError``), which the CLI shows as one message.
+
 The sites are named after the timm ViT block they touch:
 ``q``/``k``/``v`` - added to the query/key/value slice of the fused ``qkv`` projection,
 ``proj`` - the attention output projection, ``fc1``/``fc2`` - the MLP's two linears,
@@ -11,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import UsageError
+
 SITES: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2", "mlp")
 ROUTINGS: tuple[str, ...] = ("batch", "sample", "token")
 
@@ -20,19 +24,19 @@ Routing = Literal["batch", "sample", "token"]
 def _check_targets(targets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     targets = tuple(targets)
     if not targets:
-        raise ValueError(f"targets is empty; choose one or more of {SITES}")
+        raise UsageError(f"targets is empty; choose one or more of {SITES}")
     unknown = [t for t in targets if t not in SITES]
     if unknown:
-        raise ValueError(f"unknown target site(s) {unknown}; valid sites are {SITES}")
+        raise UsageError(f"unknown target site(s) {unknown}; valid sites are {SITES}")
     if len(set(targets)) != len(targets):
-        raise ValueError(f"targets {targets} name a site twice")
+        raise UsageError(f"targets {targets} name a site twice")
     return targets
 
 
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if value <= 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+            raise UsageError(f"{name} must be > 0, got {value}")
 
 
 @dataclass
@@ -66,13 +70,13 @@ class LilyConfig:
         if self.lp_stride is not None:
             _check_positive(lp_stride=self.lp_stride)
         if self.routing not in ROUTINGS:
-            raise ValueError(f"unknown routing {self.routing!r}; choose one of {ROUTINGS}")
+            raise UsageError(f"unknown routing {self.routing!r}; choose one of {ROUTINGS}")
 
     def resolve_lp_stride(self, depth: int) -> int:
         """The LP sharing stride for a model of ``depth`` blocks (official: ``12 // ne``)."""
         stride = self.lp_stride if self.lp_stride is not None else max(1, depth // self.num_experts)
         if stride > depth:
-            raise ValueError(
+            raise UsageError(
                 f"lp_stride={stride} is larger than the model's depth {depth}; "
                 f"choose lp_stride in [1, {depth}] (or None for depth // num_experts)"
             )
@@ -95,7 +99,7 @@ class LoRAConfig:
         self.targets = _check_targets(self.targets)
         _check_positive(rank=self.rank, alpha=self.alpha)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scaling(self) -> float:
