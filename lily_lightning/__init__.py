@@ -1,14 +1,19 @@
 """lily_lightning: Lily (Low-rank Interconnected adaptation across layers) for timm ViTs on Lightning."""
 
 from .adapters import LilyConfig, LoRAConfig
+from .data import FGVCDataModule, VTAB1kDataModule
 from .errors import UsageError
 from .inject import inject
+from .module import ViTClassifier
 from .state import adapter_state_dict, count_parameters, load_adapter_state_dict
 
 __all__ = [
+    "FGVCDataModule",
     "LilyConfig",
     "LoRAConfig",
     "UsageError",
+    "VTAB1kDataModule",
+    "ViTClassifier",
     "adapter_state_dict",
     "count_parameters",
     "inject",
