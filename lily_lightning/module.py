@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Literal
 
 import lightning as L
@@ -19,6 +18,7 @@ from .adapters import LilyConfig, LoRAConfig
 from .errors import UsageError
 from .inject import inject
 from .schedule import warmup_cosine_lr
+from .seeding import epoch_seed, run_seed
 from .state import count_parameters
 from .weights import load_backbone_weights
 
@@ -108,15 +108,16 @@ class ViTClassifier(L.LightningModule):
 
         self.model = create_backbone(backbone, weights, pretrained, drop_path_rate, img_size)
         self.model.reset_classifier(num_classes)
+        self.adapter_parameters = 0
         if method in ("lily", "lora"):
             try:
                 inject(self.model, lily if method == "lily" else lora)
             except ValueError as e:
                 raise UsageError(str(e)) from e
+            self.adapter_parameters = count_parameters(self.model)
         elif method == "linear_probe":
             self.model.requires_grad_(False)
         self.model.get_classifier().requires_grad_(True)
-        self.adapter_parameters = count_parameters(self.model) if method in ("lily", "lora") else 0
 
         mean, std = self._normalization(normalize)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -153,8 +154,7 @@ class ViTClassifier(L.LightningModule):
         # batch, after the loader is set up, so a run resumed from an epoch-end checkpoint continues exactly
         # as an uninterrupted one (the data order is (seed, epoch)-keyed too: data.sampling).
         if batch_idx == 0:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            torch.manual_seed(seed * 1_000_003 + self.current_epoch + 1)
+            torch.manual_seed(epoch_seed(run_seed(), self.current_epoch) + 1)  # +1: apart from the data order
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Sampler
+
+from lily_lightning.seeding import epoch_seed, run_seed
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -20,13 +21,10 @@ class EpochShuffleSampler(Sampler[int]):
     def __init__(self, size: int, epoch: Callable[[], int], seed: int | None = None):
         self.size = size
         self.epoch = epoch
-        if seed is None:
-            env_seed = os.environ.get("PL_GLOBAL_SEED")
-            seed = int(env_seed) if env_seed is not None else 0
-        self.seed = seed
+        self.seed = run_seed() if seed is None else seed
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch()))
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
