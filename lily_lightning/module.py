@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -17,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .adapters import LilyConfig, LoRAConfig
 from .errors import UsageError
 from .inject import inject
+from .results import write_result
 from .schedule import warmup_cosine_lr
 from .seeding import epoch_seed, run_seed
 from .state import count_parameters
@@ -208,6 +210,21 @@ class ViTClassifier(L.LightningModule):
             f"top1={reported:.4f} report={self.report} final={final:.4f} best_of_evals={best:.4f}",
             flush=True,
         )
+        # The same numbers for `python -m lily_lightning report` (and `sweep`, which skips finished runs),
+        # plus the head's size so tables can count parameters without the head, as papers do.
+        result = {
+            "task": task,
+            "method": self.method,
+            "backbone": self.hparams.backbone,
+            "trainable_params": self.trainable_parameters,
+            "adapter_params": self.adapter_parameters,
+            "head_params": sum(p.numel() for p in self.model.get_classifier().parameters()),
+            "top1": reported,
+            "report": self.report,
+            "final": final,
+            "best_of_evals": best,
+        }
+        write_result(Path(self.trainer.default_root_dir), result)
 
     # -- optimisation ----------------------------------------------------------------------------------
 
