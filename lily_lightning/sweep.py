@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .data.tasks import FGVC_TASKS, VTAB_TASKS, fgvc_task, vtab_task
+from .data.tasks import FGVC_TASKS, VTAB_TASKS, FGVCTask, VTABTask, benchmark_task
 from .errors import UsageError
 from .results import read_result
 
@@ -41,7 +41,7 @@ def expand_tasks(names: Sequence[str]) -> list[str]:
     spelling for known tasks); each task once, in order."""
     tasks: list[str] = []
     for name in names:
-        known = vtab_task(name) or fgvc_task(name)
+        known = benchmark_task(name)
         for task in BENCHMARKS.get(name.lower(), (known.name if known else name,)):
             if task not in tasks:
                 tasks.append(task)
@@ -54,7 +54,8 @@ def run_configs(configs: Sequence[Path], task: str, method: str) -> list[Path]:
     layered = list(configs)
     if method == "lora" and (folder / LORA_CONFIG).is_file():
         layered.append(folder / LORA_CONFIG)
-    benchmark = "vtab" if vtab_task(task) else "fgvc" if fgvc_task(task) else None
+    known = benchmark_task(task)
+    benchmark = "vtab" if isinstance(known, VTABTask) else "fgvc" if isinstance(known, FGVCTask) else None
     if benchmark is not None and (override := folder / benchmark / f"{task}.yaml").is_file():
         layered.append(override)
     return layered
