@@ -91,8 +91,11 @@ def learning_curves(runs: RunDirs, save: Path | str | None = None, title: str | 
                 steps, values = zip(*points, strict=True)
                 ax.plot(steps, values, style, color=colour, label=label + suffix, markersize=3)
         if points := metrics.get("test/acc"):
-            step, value = points[-1]
-            acc_ax.plot([step], [value], "*", color=colour, markersize=12, label=f"{label} test {value:.3f}")
+            # `test` logs in its own version at step 0: mark it at the end of training.
+            last_step = max(step for values in metrics.values() for step, _ in values)
+            value = points[-1][1]
+            test_label = f"{label} test {value:.3f}"
+            acc_ax.plot([last_step], [value], "*", color=colour, markersize=12, label=test_label)
     for ax, name in ((loss_ax, "train loss"), (acc_ax, "top-1 accuracy"), (lr_ax, "learning rate")):
         ax.set_xlabel("step")
         ax.set_ylabel(name)
@@ -290,7 +293,7 @@ def results_bar_chart(
             ax.bar(xs, ys, width, label=method, color=f"C{index}")
         for x, task in zip(offsets, tasks, strict=True):
             if task not in scores[method]:
-                ax.text(x, 1, "-", ha="center", va="bottom", color=f"C{index}")
+                ax.text(x, 2, "no run", ha="center", va="bottom", rotation=90, fontsize=7, color=f"C{index}")
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
