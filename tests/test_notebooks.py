@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom (as a user would run them in Jupyter)."""
+"""The notebooks run top to bottom (as a user would run them in Jupyter) and write their figures."""
 
 from __future__ import annotations
 
@@ -21,3 +21,7 @@ def test_notebook_runs(path: Path, tmp_path: Path) -> None:
         o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"
     ]
     assert not errors
+    # every figure is also written as a PNG (under figures/, or report/ for the sweep's report)
+    pngs = sorted(tmp_path.rglob("*.png"))
+    assert pngs, "the notebook wrote no PNG"
+    assert all(png.stat().st_size > 5_000 for png in pngs), [(p.name, p.stat().st_size) for p in pngs]
