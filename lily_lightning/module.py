@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .adapters import LilyConfig, LoRAConfig
 from .errors import UsageError
-from .inject import inject
+from .inject import ADAPTERS_ATTR, inject
 from .results import write_result
 from .schedule import warmup_cosine_lr
 from .seeding import epoch_seed, run_seed
@@ -256,21 +256,26 @@ class ViTClassifier(L.LightningModule):
 
     # -- adapter-only checkpoints ----------------------------------------------------------------------
 
-    def _trainable_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+    def _saved_keys(self) -> set[str]:
+        """The trainable tensors and the adapters' buffers (Lily's running routing mix): what a run learnt."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        adapters = getattr(self.model, ADAPTERS_ATTR, None)
+        if adapters is None:
+            return trainable
+        return trainable | {f"model.{ADAPTERS_ATTR}.{name}" for name, _ in adapters.named_buffers()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self._trainable_keys()
+        keep = self._saved_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["val_acc_best"] = (
             float(self.val_acc_best.compute()) if self.val_acc_best.update_count else None
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
+        missing = sorted(self._saved_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise UsageError(
-                f"the checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[:3]}); "
+                f"the checkpoint lacks {len(missing)} tensors of this model (e.g. {missing[:3]}); "
                 "was it written with another method, adapter config, backbone or class count?"
             )
         if checkpoint.get("val_acc_best") is not None:

@@ -121,6 +121,22 @@ def _adapter_owner(model: nn.Module) -> nn.Module:
     raise ValueError("this model has no injected adapters; build it with method 'lily' or call inject()")
 
 
+def _fixed_mixes(adapter: nn.Module, depth: int) -> np.ndarray | None:
+    """(blocks, E) when the site's mix does not depend on the input (in the mode the model is in), else None.
+
+    A site without routers mixes uniformly; a site with ``fixed_mix`` (adapters/lily.py) says when its mix is
+    fixed: uniform routing, or batch routing at eval with ``eval_routing="running"`` (the running mix).
+    """
+    num_experts = adapter.hp.shape[0]
+    if not getattr(adapter, "router", None):
+        return np.full((depth, num_experts), 1.0 / num_experts)
+    fixed_mix = getattr(adapter, "fixed_mix", None)
+    mixes = [fixed_mix(block) for block in range(depth)] if fixed_mix is not None else [None]
+    if any(mix is None for mix in mixes):
+        return None
+    return torch.stack(mixes).detach().float().cpu().numpy()
+
+
 @torch.no_grad()
 def routing_weights(
     model: nn.Module, batches: Iterable[Any], max_batches: int | None = None
@@ -129,14 +145,16 @@ def routing_weights(
 
     Captured with forward hooks on ``adapters[site].router[block]`` (Lily's ``p = softmax(router(z))``),
     with the model in eval mode. ``batches`` yields images or ``(images, labels)`` and goes through
-    ``model(images)`` (a ``ViTClassifier`` normalises its inputs itself). A Lily site without routers (uniform
-    mixing) shows ``1 / E`` everywhere; LoRA sites have no experts and are left out.
+    ``model(images)`` (a ``ViTClassifier`` normalises its inputs itself). A site whose eval mix does not
+    depend on the input shows that mix: ``1 / E`` without routers (uniform routing), the running mix with
+    ``eval_routing="running"``. LoRA sites have no experts and are left out.
     """
     owner = _adapter_owner(model)
+    adapters = getattr(owner, ADAPTERS_ATTR)
     depth = len(owner.blocks)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, list[int]] = {}
-    uniform: dict[str, np.ndarray] = {}
+    fixed: dict[str, np.ndarray] = {}
     handles = []
 
     def capture(site: str, block: int):
@@ -147,26 +165,24 @@ def routing_weights(
 
         return hook
 
-    for site, adapter in getattr(owner, ADAPTERS_ATTR).items():
-        bank = getattr(adapter, "hp", None)
-        if bank is None:
-            continue  # LoRA: no experts
-        num_experts = bank.shape[0]
-        routers = getattr(adapter, "router", None)
-        if not routers:
-            uniform[site] = np.full((depth, num_experts), 1.0 / num_experts)
-            continue
-        sums[site] = torch.zeros(len(routers), num_experts, dtype=torch.float64)
-        counts[site] = [0] * len(routers)
-        handles += [router.register_forward_hook(capture(site, i)) for i, router in enumerate(routers)]
-    if not sums and not uniform:
-        raise ValueError("this model has no Lily sites (routing needs Lily's expert banks)")
-
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     try:
-        for index, batch in enumerate(batches):
+        for site, adapter in adapters.items():
+            if getattr(adapter, "hp", None) is None:
+                continue  # LoRA: no experts
+            if (mixes := _fixed_mixes(adapter, depth)) is not None:
+                fixed[site] = mixes
+                continue
+            sums[site] = torch.zeros(len(adapter.router), adapter.hp.shape[0], dtype=torch.float64)
+            counts[site] = [0] * len(adapter.router)
+            handles += [
+                router.register_forward_hook(capture(site, i)) for i, router in enumerate(adapter.router)
+            ]
+        if not sums and not fixed:
+            raise ValueError("this model has no Lily sites (routing needs Lily's expert banks)")
+        device = next(model.parameters()).device
+        for index, batch in enumerate(batches if sums else ()):
             if max_batches is not None and index >= max_batches:
                 break
             images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -177,10 +193,8 @@ def routing_weights(
         model.train(was_training)
     if sums and min(min(c) for c in counts.values()) == 0:
         raise ValueError("no images went through the model: the data set is empty")
-    weights = {site: (sums[site] / torch.tensor(counts[site])[:, None]).numpy() for site in sums}
-    return {
-        site: (weights | uniform)[site] for site in getattr(owner, ADAPTERS_ATTR) if site in weights | uniform
-    }
+    weights = fixed | {site: (sums[site] / torch.tensor(counts[site])[:, None]).numpy() for site in sums}
+    return {site: weights[site] for site in adapters if site in weights}
 
 
 def routing_weights_from_checkpoint(

@@ -73,22 +73,25 @@ def test_routing_weights_match_a_hand_written_forward_and_rows_sum_to_one(lily_v
     assert not np.allclose(weights["k"], 1 / 3, atol=1e-3)  # a real mix, not the uniform one
 
 
-class RouterlessSite(nn.Module):
-    """A Lily site that mixes its experts uniformly, so it has a bank and no routers."""
-
-    def __init__(self, num_experts: int, rank: int, out_features: int) -> None:
-        super().__init__()
-        self.hp = nn.Parameter(torch.zeros(num_experts, rank, out_features))
-
-    def forward(self, x: torch.Tensor, block: int) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.hp.shape[-1])
+def tiny_lily(config: LilyConfig) -> nn.Module:
+    return inject(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32), config)
 
 
-def test_a_site_without_routers_shows_uniform_weights(lily_vit: nn.Module) -> None:
-    lily_vit.adapters["v"] = RouterlessSite(3, 4, 192)
-    weights = routing_weights(lily_vit, [torch.rand(2, 3, 32, 32)])
-    np.testing.assert_allclose(weights["v"], np.full((12, 3), 1 / 3))
-    assert weights["k"].shape == (12, 3)
+def test_a_site_without_routers_shows_uniform_weights() -> None:
+    model = tiny_lily(LilyConfig(rank=4, num_experts=3, routing="uniform"))
+    assert not model.adapters["v"].router  # uniform routing has no routers
+    weights = routing_weights(model, [torch.rand(2, 3, 32, 32)])
+    for site in ("k", "v", "mlp"):
+        np.testing.assert_allclose(weights[site], np.full((12, 3), 1 / 3))
+
+
+def test_running_eval_routing_shows_the_running_mix() -> None:
+    model = tiny_lily(LilyConfig(rank=4, num_experts=3, eval_routing="running"))
+    for adapter in model.adapters.values():
+        adapter.running_mix.copy_(torch.tensor([0.5, 0.3, 0.2]))  # what eval uses, whatever the input
+    weights = routing_weights(model.train(), [torch.rand(2, 3, 32, 32)])
+    np.testing.assert_allclose(weights["mlp"], np.tile([0.5, 0.3, 0.2], (12, 1)), atol=1e-7)
+    assert model.training  # the mode is restored
 
 
 def test_lora_has_no_routing() -> None:
