@@ -75,7 +75,7 @@ def learning_curves(runs: RunDirs, save: Path | str | None = None, title: str | 
     ``runs``: a run folder (``runs/<task>/<method>``), several, or ``{label: folder}``.
     """
     fig = Figure(figsize=(13, 3.8))
-    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3, sharex=True)
     for index, (label, run_dir) in enumerate(_named_runs(runs).items()):
         colour = f"C{index}"
         metrics = read_metrics(run_dir)
@@ -84,7 +84,7 @@ def learning_curves(runs: RunDirs, save: Path | str | None = None, title: str | 
         for name, ax, style, suffix in (
             ("train/loss", loss_ax, "-", ""),
             ("val/acc", acc_ax, "-o", " val"),
-            ("train/acc", acc_ax, ":", " train"),
+            ("train/acc", acc_ax, ":s", " train"),
             ("lr", lr_ax, "-", ""),
         ):
             if points := metrics.get(name):
@@ -219,7 +219,7 @@ def routing_heatmap(
 ) -> Figure:
     """One blocks x experts heatmap per site of the mean expert weight (each row sums to 1)."""
     sites = list(weights)
-    fig = Figure(figsize=(1.2 + 2.6 * len(sites), 4.6))
+    fig = Figure(figsize=(1.6 + 2.6 * len(sites), 4.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(sites), squeeze=False)[0])
     image = None
     for ax, site in zip(axes, sites, strict=True):
@@ -236,10 +236,9 @@ def routing_heatmap(
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="mean router weight", shrink=0.9)
     fig.suptitle(title or "Lily routing: mean expert weight per block")
-    fig.subplots_adjust(top=0.85)
-    if save is not None:
+    if save is not None:  # constrained layout places the colour bar and the title; no tight_layout here
         Path(save).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=120, bbox_inches="tight")
+        fig.savefig(save, dpi=120)
     return fig
 
 
@@ -304,7 +303,8 @@ def results_bar_chart(
         ]
         if present:
             xs, ys = zip(*present, strict=True)
-            ax.bar(xs, ys, width, label=method, color=f"C{index}")
+            bars = ax.bar(xs, ys, width, label=method, color=f"C{index}")
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
         for x, task in zip(offsets, tasks, strict=True):
             if task not in scores[method]:
                 ax.text(x, 2, "no run", ha="center", va="bottom", rotation=90, fontsize=7, color=f"C{index}")
