@@ -111,7 +111,8 @@ def test_fit_then_test_learns_and_checkpoints_only_trainable_tensors(
     assert main(["validate", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
     assert main(["predict", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
     rows = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "index,label,confidence" and len(rows) == 1 + 64
+    assert rows[0] == "index,file,label,class,confidence" and len(rows) == 1 + 64
+    assert rows[1].startswith("0,images/test/00000.png,")
 
 
 def test_resume_from_last_matches_an_uninterrupted_run(tmp_path: Path, data_root: Path) -> None:
