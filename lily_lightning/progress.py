@@ -32,6 +32,7 @@ class PlainProgress(ProgressBar):
         self._start = self._last = 0.0
         self._images = 0
         self._steps = 0
+        self._shown_step = -1  # the global step of the last line, so an epoch's end does not repeat it
 
     def disable(self) -> None:
         self._enabled = False
@@ -75,7 +76,7 @@ class PlainProgress(ProgressBar):
             self._emit(trainer, batch_idx + 1, outputs, now)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.is_enabled and trainer.is_global_zero:
+        if self.is_enabled and trainer.is_global_zero and trainer.global_step != self._shown_step:
             self._emit(trainer, self.total_train_batches, None, time.perf_counter())
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -86,7 +87,7 @@ class PlainProgress(ProgressBar):
         self._logger.info("epoch %d validation %s", trainer.current_epoch + 1, shown)
 
     def _emit(self, trainer: L.Trainer, step: int | float, outputs: Any, now: float) -> None:
-        self._last = now
+        self._last, self._shown_step = now, trainer.global_step
         elapsed = now - self._start
         total = trainer.estimated_stepping_batches
         remaining = max(0.0, total - trainer.global_step) * elapsed / max(1, self._steps)

@@ -145,6 +145,7 @@ def test_two_nodes_by_torchrun_train_like_one_process(task: Path, one_process: P
              "-m", "lily_lightning", "fit", "--config", str(config), *COMMON, *TWO,
              "--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1"],
             cwd=config.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},  # Lightning sets 1 per process for its own launcher
         )
         for rank in (0, 1)
     ]  # fmt: skip
