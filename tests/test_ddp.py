@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import result_line, tiny_run_config, trainable_tensors
+from torch.utils.data import DistributedSampler
 
+from lily_lightning import UsageError
 from lily_lightning.cli import main
 from lily_lightning.data import write_synthetic_vtab_task
 from lily_lightning.data.sampling import GlobalBatchSampler
@@ -111,6 +113,9 @@ def test_global_batches_are_shared_out_and_eval_counts_each_image_once(
     assert {len(r) for r in four} == {2}
     assert [joined(step) for step in zip(*four, strict=True)] == [order[:8], order[8:]]
     assert sorted(len(share) for share in [step[-1] for step in four]) == [0, 1, 1, 1]
+    # Lightning's own distributed sampler on top would shard twice: refused, with what to do.
+    with pytest.raises(UsageError, match="use_distributed_sampler=False"):
+        GlobalBatchSampler(DistributedSampler(order, num_replicas=2, rank=0), 2, drop_last=False)
 
 
 def test_two_processes_train_like_one_with_sync_routing_and_resume(task: Path, one_process: Path) -> None:
