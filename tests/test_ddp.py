@@ -87,7 +87,7 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def one_process(task: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference: 2 epochs (4 steps) of one process with batch 16; returns its run folder."""
     config = tiny_run_config(tmp_path_factory.mktemp("one"), task, epochs=2)
-    launch(cli("fit", config, *ONE), config.parent)
+    assert main(["fit", "--config", str(config), *COMMON, *ONE]) == 0
     return config.parent
 
 
