@@ -195,3 +195,29 @@ def test_ddp_predict_writes_each_image_once_in_order(task: Path, one_process: Pa
     assert all(row["class"] == row["label"] for row in double)  # VTAB-1k lists name no classes
     for a, b in zip(single, double, strict=True):
         assert abs(float(a["confidence"]) - float(b["confidence"])) < 1e-5
+
+
+def _global_mean_worker(rank: int, init_file: str, results: dict) -> None:
+    import torch.distributed as dist
+
+    from lily_lightning.adapters.sync import global_mean
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    rows = torch.arange(6.0).reshape(3, 2)[: 3 * (1 - rank)].requires_grad_()  # 3 rows on rank 0, none on 1
+    weight = torch.tensor([[1.0, 2.0], [3.0, 5.0]])[rank]
+    mix = global_mean(rows, sync=True)
+    (mix * weight).sum().backward()
+    results[rank] = (mix.detach(), rows.grad)
+    dist.destroy_process_group()
+
+
+def test_global_mean_averages_every_ranks_rows_and_gradients(tmp_path: Path) -> None:
+    results = torch.multiprocessing.Manager().dict()
+    # Forked, not spawned: a spawned child would import this module (Lightning, timm) again.
+    torch.multiprocessing.start_processes(
+        _global_mean_worker, (str(tmp_path / "init"), results), nprocs=2, start_method="fork"
+    )
+    # Hand-computed: rows [[0, 1], [2, 3], [4, 5]] all on rank 0 -> mean [2, 3] on both ranks; every rank's
+    # loss reaches rank 0's rows: d/drow (w0 + w1) . mean = ([1, 2] + [3, 5]) / 3 per row.
+    assert torch.equal(results[0][0], torch.tensor([2.0, 3.0])) and torch.equal(results[1][0], results[0][0])
+    assert torch.allclose(results[0][1], torch.tensor([[4.0, 7.0]] * 3) / 3)
