@@ -32,6 +32,7 @@ class PlainProgress(ProgressBar):
         self._start = self._last = 0.0
         self._images = 0
         self._steps = 0
+        self._batch = 0  # batches done in the current epoch
         self._shown_step = -1  # the global step of the last line, so an epoch's end does not repeat it
 
     def disable(self) -> None:
@@ -69,15 +70,15 @@ class PlainProgress(ProgressBar):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._steps += 1
+        self._steps, self._batch = self._steps + 1, batch_idx + 1
         self._images += len(batch[1]) * trainer.world_size  # every process's share of the global batch
         now = time.perf_counter()
         if self.is_enabled and trainer.is_global_zero and now - self._last >= self.every_seconds:
-            self._emit(trainer, batch_idx + 1, outputs, now)
+            self._emit(trainer, outputs, now)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.is_enabled and trainer.is_global_zero and trainer.global_step != self._shown_step:
-            self._emit(trainer, self.total_train_batches, None, time.perf_counter())
+            self._emit(trainer, None, time.perf_counter())
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (self.is_enabled and trainer.is_global_zero) or trainer.sanity_checking:
@@ -86,7 +87,7 @@ class PlainProgress(ProgressBar):
         shown = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items() if k.startswith("val/"))
         self._logger.info("epoch %d validation %s", trainer.current_epoch + 1, shown)
 
-    def _emit(self, trainer: L.Trainer, step: int | float, outputs: Any, now: float) -> None:
+    def _emit(self, trainer: L.Trainer, outputs: Any, now: float) -> None:
         self._last, self._shown_step = now, trainer.global_step
         elapsed = now - self._start
         total = trainer.estimated_stepping_batches
@@ -99,7 +100,7 @@ class PlainProgress(ProgressBar):
             "epoch %d%s step %s/%s (global %d/%s) loss %s images/s %.1f elapsed %s eta %s",
             trainer.current_epoch + 1,
             epochs,
-            step,
+            self._batch,
             self.total_train_batches,
             trainer.global_step,
             int(total) if total != float("inf") else "?",
