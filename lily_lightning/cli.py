@@ -22,6 +22,7 @@ from rich.logging import RichHandler
 from .errors import UsageError
 from .module import ViTClassifier
 from .predictions import PredictionCSVWriter
+from .progress import PlainProgress
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
@@ -40,6 +41,9 @@ class LilyCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        # Under DDP the data modules share out each global batch themselves (data.sampling), without
+        # Lightning's padding sampler, so N processes see the batches of one and evaluate each image once.
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -61,11 +65,18 @@ class LilyCLI(LightningCLI):
         if wanted(ModelCheckpoint, "enable_checkpointing"):
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0))
         if wanted(ProgressBar, "enable_progress_bar"):
-            callbacks.append(RichProgressBar())
+            callbacks.append(progress_callback(run_dir))
         if self.subcommand == "predict":
             callbacks.append(PredictionCSVWriter(run_dir / "predictions.csv"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+def progress_callback(run_dir: Path) -> ProgressBar:
+    """Rich's live bar on a terminal; plain periodic lines (also in ``train.log``) in a file, pipe or CI."""
+    if sys.stdout.isatty():
+        return RichProgressBar()
+    return PlainProgress(log_file=run_dir / "train.log")
 
 
 def run_lightning(args: list[str] | None) -> None:
