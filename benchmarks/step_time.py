@@ -30,6 +30,7 @@ torch.cuda.max_memory_allocated.
     python benchmarks/step_time.py --device cuda --amp bf16 --batch-size 64
     python benchmarks/step_time.py --rows lora lily-batch --profile  # torch.profiler, top kernels per row
     python benchmarks/step_time.py --quick                           # smoke run: tiny ViT, seconds
+    python benchmarks/step_time.py --rows lora lily-batch --compile  # eager and torch.compile'd, paired
 """
 
 from __future__ import annotations
@@ -113,7 +114,16 @@ def _peft_model(name: str, model: nn.Module) -> nn.Module:
     return model
 
 
-def build_row(name: str, args: argparse.Namespace) -> Row:
+COMPILED = "+compiled"
+
+
+def row_names(args: argparse.Namespace) -> list[str]:
+    """The rows to run: ``--rows``, then with ``--compile`` each again compiled (``lora+compiled``)."""
+    return [*args.rows, *(f"{name}{COMPILED}" for name in args.rows if args.compile)]
+
+
+def build_row(row: str, args: argparse.Namespace) -> Row:
+    name = row.removesuffix(COMPILED)
     torch.manual_seed(0)
     model = timm.create_model(
         args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size
@@ -131,9 +141,11 @@ def build_row(name: str, args: argparse.Namespace) -> Row:
     model.get_classifier().requires_grad_(True)
     model.to(args.device).train()
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields shared tensors once
+    if row.endswith(COMPILED):  # in place, as model.compile does; the floor's forward calls the blocks
+        (model.blocks if name == "floor" else model).compile()
     forward = _floor_forward(model) if name == "floor" else model
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    return Row(name, model, forward, optimizer, sum(p.numel() for p in params))
+    return Row(row, model, forward, optimizer, sum(p.numel() for p in params))
 
 
 def _autocast(args: argparse.Namespace) -> contextlib.AbstractContextManager:
@@ -388,7 +400,7 @@ def profile(
 def run(args: argparse.Namespace, argv: list[str], log: Callable[[str], None] = print) -> dict:
     """Build the rows, time them paired, measure memory and eval throughput; returns all figures."""
     rows = {}
-    for name in args.rows:
+    for name in row_names(args):
         rows[name] = build_row(name, args)
         log(f"  built {name}: {rows[name].trainable:,} trainable")
     images, labels = make_batch(args)
@@ -413,8 +425,9 @@ def run(args: argparse.Namespace, argv: list[str], log: Callable[[str], None] = 
 
     trainable = {name: row.trainable for name, row in rows.items()}
     rows.clear()  # free the models before the memory subprocesses run
-    memory: dict[str, float | None] = {name: None for name in args.rows}
+    memory: dict[str, float | None] = {name: None for name in row_names(args)}
     if args.memory_repeats:
+        # Eager rows only: in a compiled row's first steps, compilation's own memory would set the peak.
         for name in args.rows:
             memory[name] = min(memory_in_subprocess(name, argv) for _ in range(args.memory_repeats))
             log(f"  memory of {name}: {memory[name]:.0f} MB")
@@ -449,6 +462,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true", help="print torch.profiler tables instead of timing"
     )
     parser.add_argument("--profile-rows", type=int, default=15, help="kernels listed per profiled row")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time every row compiled in place (torch.compile)"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: tiny ViT at 32 px, 2 repeats, no memory runs"
     )

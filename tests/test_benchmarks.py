@@ -147,3 +147,12 @@ def test_params_table_prints_the_vit_b_figures_of_the_tests(capsys: pytest.Captu
     assert rows["LoRA r=8 on q,v"] == "0.295"
     assert rows["Lily r=32 E=4 on k,v,mlp"] == "0.793"
     assert rows["full fine-tuning"] == "85.799"  # 86,567,656 minus the 1000-class head's 769,000
+
+
+def test_compile_adds_a_compiled_twin_of_every_row_without_compiling_the_eager_ones() -> None:
+    args = step_time.parse_args([*TINY, "--rows", "floor", "lora", "--compile"])
+    assert step_time.row_names(args) == ["floor", "lora", "floor+compiled", "lora+compiled"]
+    compiled, eager = step_time.build_row("lora+compiled", args), step_time.build_row("lora", args)
+    assert compiled.model._compiled_call_impl is not None and eager.model._compiled_call_impl is None
+    assert step_time.build_row("floor+compiled", args).model.blocks._compiled_call_impl is not None
+    assert compiled.trainable == eager.trainable
