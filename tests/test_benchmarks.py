@@ -22,6 +22,8 @@ def _load(name: str):
 
 step_time = _load("step_time")
 params = _load("params")
+sys.path.insert(0, str(BENCHMARKS))  # saved_tensors.py imports step_time as a sibling script
+saved_tensors = _load("saved_tensors")
 
 # vit_tiny at 32 px: 12 blocks of width 192 on 4 patches, so a step takes milliseconds.
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2", "--num-classes", "5"]
@@ -96,6 +98,20 @@ def test_targets_say_met_or_not_from_paired_medians() -> None:
     assert "- lily-batch step <= 1.08 x floor: 1.133 -> NOT met" in lines
     assert "- lily-batch peak <= 1.10 x lora peak: 1.200 -> NOT met" in lines
     assert not any("peft" in line for line in lines)  # rows that were not run are skipped
+
+
+def test_saved_tensors_attributes_lora_and_lily_inputs_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
+    # vit_tiny at 32 px, batch 2: 12 blocks, 2 x 5 tokens x 192 floats. q's LoRA A saves norm1's output
+    # once per block (v's A saves the same tensor: counted once); Lily's k LP likewise, and the mlp LP
+    # saves norm2's output.
+    args = step_time.parse_args(TINY)
+    per_block = 2 * 5 * 192 * 4
+    lora = saved_tensors.count("lora", args).by_module
+    assert lora["adapters.q.lora_a.*"] == 12 * per_block and "adapters.v.lora_a.*" not in lora
+    lily = saved_tensors.count("lily-batch", args).by_module
+    assert lily["adapters.k.lp.*"] == lily["adapters.mlp.lp.*"] == 12 * per_block
+    saved_tensors.main([*TINY, "--rows", "lora"])
+    assert "| adapters.q.lora_a.* |" in capsys.readouterr().out
 
 
 # --- params.py against hand-computed counts -------------------------------------------------------------
