@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lily_lightning.data.images import collate_images
 from lily_lightning.data.sampling import EpochShuffleSampler
+from lily_lightning.errors import UsageError
 
 Role = Literal["train", "val", "test"]
 
@@ -35,6 +36,13 @@ class SplitDataModule(L.LightningDataModule, ABC):
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int):
         super().__init__()
+        for name, value, least in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < least:
+                raise UsageError(f"data.{name} must be at least {least}, got {value}.")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
