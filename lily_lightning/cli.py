@@ -188,7 +188,10 @@ def _user_message(error: BaseException) -> str | None:
     if isinstance(
         error, MisconfigurationException
     ):  # Lightning's word for a trainer setting that cannot work
-        return f"{error}\nChange the trainer setting it names (`--print_config` shows them all)."
+        return (
+            f"the trainer cannot be set up: {error}\nCheck trainer.accelerator, devices, strategy, precision "
+            "(`--print_config` shows them); e.g. `--trainer.accelerator cpu` on a machine without a GPU."
+        )
     return None
 
 

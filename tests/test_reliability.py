@@ -108,3 +108,174 @@ def test_fit_killed_and_interrupted_at_random_resumes_bit_identical(
     assert expected.keys() == resumed.keys()
     for key, tensor in expected.items():
         assert torch.equal(tensor, resumed[key]), key
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # overwritten, never versioned
+
+
+# -- evaluation refuses an untrained model --
+
+
+def refused(capsys: pytest.CaptureFixture[str], args: list[str], *expected: str) -> str:
+    """Run the CLI in-process: exit 2, no traceback anywhere, one message naming the problem."""
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert err.count("error:") == 1
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_evaluation_without_checkpoint_is_refused(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str], subcommand: str
+) -> None:
+    config = tiny_run_config(tmp_path, data_root, epochs=1)
+    run = config.parent / "run"
+    refused(capsys, [subcommand, "--config", str(config)], f"`{subcommand}` needs a trained", str(run))
+    # `last` with no run in this folder, and an unrelated older `last-v1.ckpt` beside it is not taken for it.
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last-v1.ckpt").write_bytes(b"an older run's file")
+    refused(capsys, [subcommand, "--config", str(config), "--ckpt_path", "last"], "there is no", "last.ckpt")
+    assert not (run / "predictions.csv").exists()
+
+
+# -- checkpoint mistakes --
+
+
+def test_unreadable_checkpoints_are_one_message(
+    tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    test = ["test", "--config", str(trained), "--ckpt_path"]
+    refused(capsys, [*test, str(tmp_path / "nothere.ckpt")], "does not exist")
+    (tmp_path / "garbage.ckpt").write_text("not a checkpoint\n")
+    refused(capsys, [*test, str(tmp_path / "garbage.ckpt")], "cannot be read", "garbage.ckpt")
+    refused(capsys, [*test, str(tmp_path)], "is a folder, not a checkpoint file")
+
+
+def test_truncated_last_checkpoint_is_one_message(
+    tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(trained.read_text().replace(str(trained.parent / "run"), str(tmp_path / "run")))
+    last = last_checkpoint(config)
+    last.parent.mkdir(parents=True)
+    last.write_bytes(
+        last_checkpoint(trained).read_bytes()[:50_000]
+    )  # as a kill during a plain write leaves it
+    refused(capsys, ["fit", "--config", str(config), "--ckpt_path", "last"], "cannot be read", "truncated")
+
+
+def test_checkpoint_with_other_settings_names_the_setting(
+    tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    resume = ["fit", "--config", str(trained), "--ckpt_path", "last"]
+    refused(capsys, [*resume, "--model.lily.rank", "8"], "model.lily.rank: checkpoint has 4, config says 8")
+
+    # A 10-class checkpoint on this 4-class task: the head and the saved num_classes say 10.
+    checkpoint = torch.load(last_checkpoint(trained), weights_only=True)
+    checkpoint["hyper_parameters"]["num_classes"] = 10
+    checkpoint["state_dict"]["model.head.weight"] = torch.zeros(10, 192)
+    checkpoint["state_dict"]["model.head.bias"] = torch.zeros(10)
+    torch.save(checkpoint, tmp_path / "ten.ckpt")
+    test = ["test", "--config", str(trained), "--ckpt_path", str(tmp_path / "ten.ckpt")]
+    refused(capsys, test, "model.num_classes: checkpoint has 10, config says 4", "another task")
+
+
+# -- configuration and data mistakes --
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.backbone", "resnet18"], ["backbone 'resnet18' cannot be built as a ViT"]),
+        (["--model.backbone", "vit_tinyy_patch16_224"], ["did you mean vit_tiny_patch16_224"]),
+        (["--data.image_size", "64"], ["64 px images (data.image_size)", "32x32 (model.img_size)"]),
+        (["--data.batch_size", "0"], ["data.batch_size must be at least 1, got 0"]),
+        (["--trainer.accelerator", "gpu"], ["trainer cannot be set up", "gpu", "trainer.accelerator"]),
+        (["--data.num_classes", "3"], ["labels outside [0, 3)", "data.num_classes=3 was given"]),
+    ],
+)
+def test_config_mistakes_are_one_message(
+    tmp_path: Path,
+    data_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    override: list[str],
+    expected: list[str],
+) -> None:
+    if override[0] == "--trainer.accelerator" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = tiny_run_config(tmp_path, data_root, epochs=1)
+    err = refused(capsys, ["fit", "--config", str(config), *override], *expected)
+    assert "re-download" not in err
+
+
+def test_empty_config_and_relative_missing_root_are_one_message(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    refused(capsys, ["fit", "--config", str(tmp_path / "empty.yaml")], "empty.yaml is empty", "YAML mapping")
+    monkeypatch.chdir(tmp_path)
+    config = tiny_run_config(tmp_path, data_root, epochs=1)
+    refused(
+        capsys,
+        ["fit", "--config", str(config), "--data.root", "data/vtab-1k"],
+        str(tmp_path / "data" / "vtab-1k"),
+        f"the working directory is {tmp_path}",
+    )
+
+
+def test_data_error_inside_a_loader_worker_is_its_own_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = write_synthetic_vtab_task(tmp_path / "data", "shapes", NUM_CLASSES, 16, 4, 16, image_size=32)
+    broken = task / "images" / "train800" / "00003.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    config = tiny_run_config(tmp_path, tmp_path / "data", epochs=1)
+    workers = ["--data.num_workers", "2", "--data.cache_images", "false"]
+    err = refused(capsys, ["fit", "--config", str(config), *workers], "Cannot decode image", str(broken))
+    assert "DataLoader worker" not in err
+
+
+def test_garbage_weights_file_says_what_is_wrong(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "weights.pth").write_text("not weights\n")
+    config = tiny_run_config(tmp_path, data_root, epochs=1)
+    args = ["fit", "--config", str(config), "--model.weights", str(tmp_path / "weights.pth")]
+    err = refused(capsys, args, "damaged, truncated or not a PyTorch state dict")
+    assert "weights_only" not in err
+
+
+def test_label_typo_in_a_custom_task_is_logged_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lily_lightning.data import VTAB1kDataModule
+
+    task = write_synthetic_vtab_task(tmp_path, "mine", NUM_CLASSES, 8, 4, 8, image_size=8)
+    lines = (task / "train800val200.txt").read_text().splitlines()
+    lines[0] = lines[0].rsplit(maxsplit=1)[0] + " 9"  # a "9" typed for a class 0..3
+    (task / "train800val200.txt").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("INFO", logger="lily_lightning"):
+        assert VTAB1kDataModule(root=str(tmp_path), name="mine").num_classes == 10
+    warning = next(r for r in caplog.records if r.levelname == "WARNING").getMessage()
+    assert "num_classes=10 inferred" in warning and "not 0..9: 0, 1, 2, 3, 9" in warning
+
+
+# -- `data check` refuses what `fit` refuses --
+
+
+@pytest.mark.parametrize("damage", ["none", "no train800val200.txt", "empty train800val200.txt"])
+def test_data_check_fails_exactly_where_fit_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    task = write_synthetic_vtab_task(tmp_path / "data", "shapes", NUM_CLASSES, 16, 4, 16, image_size=32)
+    if damage == "no train800val200.txt":
+        (task / "train800val200.txt").unlink()
+    elif damage == "empty train800val200.txt":
+        (task / "train800val200.txt").write_text("")
+    config = tiny_run_config(tmp_path, tmp_path / "data", epochs=1)
+    fit = main(["fit", "--config", str(config), "--trainer.fast_dev_run", "true"])
+    check = main(["data", "check", "--root", str(tmp_path / "data")])
+    assert (fit, check) == ((0, 0) if damage == "none" else (2, 1))
+    if damage != "none":
+        assert "train800val200.txt" in capsys.readouterr().out.replace("\n", "")  # Rich wraps at 80
