@@ -70,7 +70,13 @@ def test_fit_killed_and_interrupted_at_random_resumes_bit_identical(
 
     def start(*extra: str) -> subprocess.Popen:
         return subprocess.Popen(
-            command + list(extra), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command + list(extra),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            # A shell's background job inherits SIGINT ignored; Ctrl-C must reach this one.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     def stop(process: subprocess.Popen, sig: signal.Signals) -> str:
