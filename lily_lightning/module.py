@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .adapters import LilyConfig, LoRAConfig
 from .errors import UsageError
-from .inject import inject
+from .inject import ADAPTERS_ATTR, inject
 from .schedule import warmup_cosine_lr
 from .seeding import epoch_seed, run_seed
 from .state import count_parameters
@@ -258,11 +258,16 @@ class ViTClassifier(L.LightningModule):
 
     # -- adapter-only checkpoints ----------------------------------------------------------------------
 
-    def _trainable_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+    def _saved_keys(self) -> set[str]:
+        """The trainable tensors and the adapters' buffers (Lily's running routing mix): what a run learnt."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        adapters = getattr(self.model, ADAPTERS_ATTR, None)
+        if adapters is None:
+            return trainable
+        return trainable | {f"model.{ADAPTERS_ATTR}.{name}" for name, _ in adapters.named_buffers()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self._trainable_keys()
+        keep = self._saved_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["val_acc_best"] = (
             float(self.val_acc_best.compute()) if self.val_acc_best.update_count else None
@@ -270,28 +275,22 @@ class ViTClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        missing = sorted(self._trainable_keys() - set(state))
-        parameters = dict(self.named_parameters())
+        missing = sorted(self._saved_keys() - set(state))
+        current = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         mis_shaped = [
-            f"{k}: checkpoint {tuple(v.shape)}, model {tuple(parameters[k].shape)}"
+            f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
             for k, v in state.items()
-            if k in parameters and v.shape != parameters[k].shape
+            if k in current and v.shape != current[k].shape
         ]
-        if missing or mis_shaped:
-            found = (
-                f"lacks {len(missing)} trainable tensors of this model (e.g. {missing[:3]})"
-                if missing
-                else ""
-            )
-            found += "; " if missing and mis_shaped else ""
-            found += (
-                f"has {len(mis_shaped)} tensors of another shape (e.g. {mis_shaped[:2]})"
-                if mis_shaped
-                else ""
-            )
+        problems = []
+        if missing:
+            problems.append(f"lacks {len(missing)} tensors of this model (e.g. {missing[:3]})")
+        if mis_shaped:
+            problems.append(f"has {len(mis_shaped)} tensors of another shape (e.g. {mis_shaped[:2]})")
+        if problems:
             raise UsageError(
-                f"the checkpoint {found}; was it written with another method, adapter config, backbone or "
-                "class count?"
+                f"the checkpoint {'; '.join(problems)}; was it written with another method, adapter config, "
+                "backbone or class count?"
             )
         if checkpoint.get("val_acc_best") is not None:
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -115,3 +117,63 @@ def test_lora_config_scaling_and_validation() -> None:
     assert LoRAConfig(rank=8, alpha=16).scaling == 2.0
     with pytest.raises(ValueError, match="dropout"):
         LoRAConfig(dropout=1.5)
+
+
+def test_running_mix_follows_the_training_mixes_by_hand() -> None:
+    adapter = LilyAdapter(
+        2,
+        2,
+        depth=2,
+        rank=2,
+        num_experts=2,
+        lp_stride=1,
+        scale=1.0,
+        routing="batch",
+        nonlinear=False,
+        running_momentum=0.5,
+    )
+    assert torch.equal(adapter.running_mix, torch.full((2, 2), 0.5))  # starts uniform
+    assert "running_mix" in adapter.state_dict() and "running_mix" not in dict(adapter.named_parameters())
+    with torch.no_grad():
+        adapter.lp[1].weight.copy_(torch.eye(2))
+        adapter.router[1].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    # Rows z = (ln 3, 0) and (0, 0): softmax (3/4, 1/4) and (1/2, 1/2); batch mix (5/8, 3/8).
+    x = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    adapter.train()
+    adapter(x, 1)
+    # momentum 0.5: (1/2 + 5/8) / 2 = 9/16; block 0 untouched.
+    torch.testing.assert_close(adapter.running_mix, torch.tensor([[0.5, 0.5], [9 / 16, 7 / 16]]))
+    adapter.eval()
+    adapter(x, 1)  # eval never updates the running mix
+    torch.testing.assert_close(adapter.running_mix[1], torch.tensor([9 / 16, 7 / 16]))
+
+
+def test_running_eval_routing_uses_the_stored_mix_and_uniform_has_no_router() -> None:
+    kwargs = dict(depth=1, rank=1, num_experts=2, lp_stride=1, scale=1.0, nonlinear=False)
+    running = LilyAdapter(1, 1, routing="batch", eval_routing="running", **kwargs)
+    uniform = LilyAdapter(1, 1, routing="uniform", **kwargs)
+    assert len(uniform.router) == 0 and not hasattr(uniform, "running_mix")
+    for adapter, mix in ((running, (0.25, 0.75)), (uniform, (0.5, 0.5))):
+        with torch.no_grad():
+            adapter.lp[0].weight.fill_(2.0)
+            adapter.hp.copy_(torch.tensor([[[1.0]], [[5.0]]]))
+            if adapter is running:
+                adapter.running_mix.copy_(torch.tensor([[0.25, 0.75]]))
+        adapter.eval()
+        # delta = 2x * (mix_0 * 1 + mix_1 * 5), whatever else is in the batch
+        expected = 2.0 * (mix[0] + 5.0 * mix[1])
+        for batch in (torch.tensor([[1.0]]), torch.tensor([[1.0], [-7.0], [30.0]])):
+            assert adapter(batch, 0)[0].item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eval_routing": "sometimes"}, "unknown eval_routing"),
+        ({"routing": "token", "eval_routing": "running"}, "does not depend on the batch"),
+        ({"running_momentum": 0.0}, "running_momentum"),
+    ],
+)
+def test_lily_config_rejects_bad_routing_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LilyConfig(**kwargs)

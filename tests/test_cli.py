@@ -86,7 +86,8 @@ def test_fit_then_test_learns_and_checkpoints_only_trainable_tensors(
     assert checkpoint.is_file()
 
     state = trainable_tensors(checkpoint)
-    # Exactly the adapter and the new head: each shared bank once, no frozen backbone tensor.
+    # Exactly the adapter (with its running routing mixes) and the new head: each shared bank once, no
+    # frozen backbone tensor.
     assert {k for k in state if k.endswith(".hp")} == {f"model.adapters.{s}.hp" for s in ("k", "v", "mlp")}
     assert all(k.startswith(("model.adapters.", "model.head.")) for k in state)
     assert state["model.head.weight"].shape[0] == NUM_CLASSES  # linked from the data, never typed
@@ -94,7 +95,12 @@ def test_fit_then_test_learns_and_checkpoints_only_trainable_tensors(
     groups = depth // (depth // experts)
     kv = groups * dim * rank + experts * rank * dim + depth * rank * experts
     mlp = groups * dim * 2 * rank + experts * 2 * rank * dim + depth * 2 * rank * experts
-    assert sum(v.numel() for v in state.values()) == 2 * kv + mlp + NUM_CLASSES * (dim + 1)
+    running = {k: v for k, v in state.items() if k.endswith(".running_mix")}
+    assert set(running) == {f"model.adapters.{s}.running_mix" for s in ("k", "v", "mlp")}
+    for mix in running.values():  # each block's running average of its training mixes: a distribution
+        assert mix.shape == (depth, experts) and torch.allclose(mix.sum(-1), torch.ones(depth))
+    trained = sum(v.numel() for k, v in state.items() if k not in running)
+    assert trained == 2 * kv + mlp + NUM_CLASSES * (dim + 1)
 
     capsys.readouterr()
     assert main(["test", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
@@ -164,7 +170,7 @@ def test_checkpoint_from_another_method_is_refused(tmp_path: Path, data_root: Pa
     assert main(["fit", "--config", str(config), "--trainer.limit_train_batches", "1"]) == 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     lily = ViTClassifier("vit_tiny_patch16_224", num_classes=NUM_CLASSES, pretrained=False, img_size=32)
-    with pytest.raises(UsageError, match=r"lacks .* trainable tensors"):
+    with pytest.raises(UsageError, match=r"lacks .* tensors of this model"):
         lily.on_load_checkpoint(checkpoint)
 
 

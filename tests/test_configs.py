@@ -32,7 +32,8 @@ def test_paper_recipe(capsys: pytest.CaptureFixture[str]) -> None:
     assert model["backbone"] == "vit_base_patch16_224.orig_in21k" and model["method"] == "lily"
     assert model["lily"] == {
         "rank": 32, "num_experts": 4, "lp_stride": None, "scale": 1.0,
-        "targets": ["k", "v", "mlp"], "routing": "batch",
+        "targets": ["k", "v", "mlp"], "routing": "batch", "eval_routing": "batch",
+        "sync_routing": True, "running_momentum": 0.1,
     }  # fmt: skip
     assert (model["lr"], model["weight_decay"], model["warmup_epochs"]) == (1e-3, 1e-4, 10)
     assert (model["warmup_lr"], model["min_lr"], model["drop_path_rate"]) == (1e-6, 1e-5, 0.1)

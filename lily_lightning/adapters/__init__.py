@@ -1,11 +1,12 @@
 """The methods, free of timm and Lightning: configs, the Lily site, the LoRA site."""
 
 from .build import build_adapter
-from .config import ROUTINGS, SITES, AdapterConfig, LilyConfig, LoRAConfig
-from .lily import LilyAdapter, mix_experts
+from .config import EVAL_ROUTINGS, ROUTINGS, SITES, AdapterConfig, LilyConfig, LoRAConfig
+from .lily import LilyAdapter, mix_experts, mix_fixed
 from .lora import LoRAAdapter
 
 __all__ = [
+    "EVAL_ROUTINGS",
     "ROUTINGS",
     "SITES",
     "AdapterConfig",
@@ -15,4 +16,5 @@ __all__ = [
     "LoRAConfig",
     "build_adapter",
     "mix_experts",
+    "mix_fixed",
 ]

@@ -16,9 +16,11 @@ from typing import Literal
 from ..errors import UsageError
 
 SITES: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2", "mlp")
-ROUTINGS: tuple[str, ...] = ("batch", "sample", "token")
+ROUTINGS: tuple[str, ...] = ("batch", "sample", "token", "uniform")
+EVAL_ROUTINGS: tuple[str, ...] = ("batch", "running")
 
-Routing = Literal["batch", "sample", "token"]
+Routing = Literal["batch", "sample", "token", "uniform"]
+EvalRouting = Literal["batch", "running"]
 
 
 def _check_targets(targets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -54,7 +56,17 @@ class LilyConfig:
         scale: s in ``delta = s * HP_mix(LP(x))``.
         targets: sites to adapt (see module docstring).
         routing: how the router's softmax mixes the experts: ``batch`` averages it over the batch and
-            tokens (the paper), ``sample`` per image, ``token`` per token.
+            tokens (the paper), ``sample`` per image, ``token`` per token; ``uniform`` has no router and
+            weighs every expert 1/E (the official ``--monoscale`` ablation, ``lily_adapter_monoscale``).
+        eval_routing: with ``routing="batch"``, the mix used in eval mode: ``batch`` (the paper: the
+            evaluated batch's own mix, so a prediction depends on its batch) or ``running`` (the running
+            average of the training mixes, so predictions do not depend on the batch, and the model can
+            be merged).
+        sync_routing: under ``torch.distributed``, average the batch mix over every rank's batch
+            (differentiably), so N processes with batch B/N train exactly like one process with batch B.
+            Off, each rank routes on its own batch (no collective per block, but another model).
+        running_momentum: weight of the newest training batch's mix in the running average (BatchNorm's
+            convention: ``running = (1 - m) * running + m * batch_mix``).
     """
 
     rank: int = 32
@@ -63,6 +75,9 @@ class LilyConfig:
     scale: float = 1.0
     targets: tuple[str, ...] = ("k", "v", "mlp")
     routing: Routing = "batch"
+    eval_routing: EvalRouting = "batch"
+    sync_routing: bool = True
+    running_momentum: float = 0.1
 
     def __post_init__(self) -> None:
         self.targets = _check_targets(self.targets)
@@ -71,6 +86,15 @@ class LilyConfig:
             _check_positive(lp_stride=self.lp_stride)
         if self.routing not in ROUTINGS:
             raise UsageError(f"unknown routing {self.routing!r}; choose one of {ROUTINGS}")
+        if self.eval_routing not in EVAL_ROUTINGS:
+            raise UsageError(f"unknown eval_routing {self.eval_routing!r}; choose one of {EVAL_ROUTINGS}")
+        if self.eval_routing == "running" and self.routing != "batch":
+            raise UsageError(
+                f"eval_routing='running' replaces the batch mix at eval; routing={self.routing!r} does not "
+                "depend on the batch already. Use eval_routing='batch' with it, or routing='batch'."
+            )
+        if not 0.0 < self.running_momentum <= 1.0:
+            raise UsageError(f"running_momentum must be in (0, 1], got {self.running_momentum}")
 
     def resolve_lp_stride(self, depth: int) -> int:
         """The LP sharing stride for a model of ``depth`` blocks (official: ``12 // ne``)."""

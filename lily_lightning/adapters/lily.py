@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LilyConfig, Routing
+from .config import EvalRouting, LilyConfig, Routing
+from .sync import global_mean
+
+
+def mix_fixed(z: torch.Tensor, weights: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+    """``z @ sum_e w_e HP_e`` for one mix ``weights`` (E,) shared by every row of ``z``."""
+    return z @ torch.tensordot(weights, hp, dims=1)
 
 
 def mix_experts(z: torch.Tensor, probs: torch.Tensor, hp: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -26,8 +32,7 @@ def mix_experts(z: torch.Tensor, probs: torch.Tensor, hp: torch.Tensor, routing:
     num_experts, rank, out_features = hp.shape
     if routing == "batch":
         # The paper: one mix for the whole batch, from the router's softmax averaged over batch and tokens.
-        weights = probs.reshape(-1, num_experts).mean(0)
-        return z @ torch.tensordot(weights, hp, dims=1)
+        return mix_fixed(z, probs.reshape(-1, num_experts).mean(0), hp)
     if routing == "sample":
         weights = probs.reshape(probs.shape[0], -1, num_experts).mean(1)  # (B, E)
         hp_mix = torch.tensordot(weights, hp, dims=1)  # (B, r, out)
@@ -43,6 +48,9 @@ class LilyAdapter(nn.Module):
     """One Lily site across all ``depth`` blocks; ``forward(x, block)`` returns that block's delta.
 
     The HP bank is one ``nn.Parameter`` owned here, so optimisers, DDP and checkpoints see it once.
+    With batch routing, the buffer ``running_mix`` (depth, E) keeps each block's running average of its
+    training mixes (like BatchNorm's running mean): saved with the adapter, never trained, and used at
+    eval when ``eval_routing="running"``. Uniform routing has no routers at all.
     """
 
     def __init__(
@@ -56,28 +64,64 @@ class LilyAdapter(nn.Module):
         scale: float,
         routing: Routing,
         nonlinear: bool,
+        eval_routing: EvalRouting = "batch",
+        sync_routing: bool = True,
+        running_momentum: float = 0.1,
     ) -> None:
         super().__init__()
         self.lp_stride = lp_stride
         self.scale = scale
         self.routing = routing
+        self.eval_routing = eval_routing
+        self.sync_routing = sync_routing
+        self.running_momentum = running_momentum
         # LP and router keep nn.Linear's default init and HP starts at zero, as the official code does,
         # so the adapted model starts exactly at the pretrained one.
         self.lp = nn.ModuleList(
             nn.Linear(in_features, rank, bias=False) for _ in range(math.ceil(depth / lp_stride))
         )
-        self.router = nn.ModuleList(nn.Linear(rank, num_experts, bias=False) for _ in range(depth))
+        routers = 0 if routing == "uniform" else depth
+        self.router = nn.ModuleList(nn.Linear(rank, num_experts, bias=False) for _ in range(routers))
         self.hp = nn.Parameter(torch.zeros(num_experts, rank, out_features))
         self.act: nn.Module = nn.ReLU() if nonlinear else nn.Identity()
+        if routing == "batch":
+            self.register_buffer("running_mix", torch.full((depth, num_experts), 1.0 / num_experts))
+
+    def fixed_mix(self, block: int) -> torch.Tensor | None:
+        """The expert weights (E,) ``block`` uses now when they do not depend on the input, else None.
+
+        Uniform routing always; batch routing in eval mode with ``eval_routing="running"``.
+        """
+        if self.routing == "uniform":
+            return self.hp.new_full((self.hp.shape[0],), 1.0 / self.hp.shape[0])
+        if self.routing == "batch" and self.eval_routing == "running" and not self.training:
+            return self.running_mix[block]
+        return None
 
     def forward(self, x: torch.Tensor, block: int) -> torch.Tensor:
         z = self.act(self.lp[block // self.lp_stride](x))
-        probs = F.softmax(self.router[block](z), dim=-1)
         # The mix is linear in z, so scale the rank-r z (after the router has seen it), not the wide delta.
+        fixed = self.fixed_mix(block)
+        if fixed is not None:
+            return mix_fixed(z * self.scale, fixed, self.hp)
+        probs = F.softmax(self.router[block](z), dim=-1)
+        if self.routing == "batch":
+            return mix_fixed(z * self.scale, self._batch_mix(probs, block), self.hp)
         return mix_experts(z * self.scale, probs, self.hp, self.routing)
 
+    def _batch_mix(self, probs: torch.Tensor, block: int) -> torch.Tensor:
+        """The paper's mix: the softmax averaged over batch and tokens (over every rank's with sync)."""
+        mix = global_mean(probs.reshape(-1, probs.shape[-1]), self.sync_routing)
+        if self.training:
+            with torch.no_grad():
+                self.running_mix[block].lerp_(mix, self.running_momentum)
+        return mix
+
     def extra_repr(self) -> str:
-        return f"lp_stride={self.lp_stride}, scale={self.scale}, routing={self.routing!r}"
+        return (
+            f"lp_stride={self.lp_stride}, scale={self.scale}, routing={self.routing!r}, "
+            f"eval_routing={self.eval_routing!r}, sync_routing={self.sync_routing}"
+        )
 
 
 def build_lily(config: LilyConfig, site: str, in_features: int, out_features: int, depth: int) -> LilyAdapter:
@@ -93,4 +137,7 @@ def build_lily(config: LilyConfig, site: str, in_features: int, out_features: in
         scale=config.scale,
         routing=config.routing,
         nonlinear=wide,
+        eval_routing=config.eval_routing,
+        sync_routing=config.sync_routing,
+        running_momentum=config.running_momentum,
     )
