@@ -4,6 +4,7 @@ run's own folder, and one clear message for every way a checkpoint can be missin
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import os
@@ -183,10 +184,11 @@ def checkpoint_file(ckpt_path: str) -> Path:
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"lily.rank": 4, ...}`` from hyper-parameters as saved (dicts) or built (dataclasses, Namespaces)."""
     if is_dataclass(value) and not isinstance(value, type):
         value = asdict(value)
-    elif hasattr(value, "__dict__") and not isinstance(value, (str, int, float)):
-        value = vars(value)  # a jsonargparse Namespace
+    elif isinstance(value, argparse.Namespace):  # jsonargparse's Namespace subclasses it
+        value = vars(value)
     if not isinstance(value, Mapping):
         return {prefix: list(value) if isinstance(value, tuple) else value}
     flat: dict[str, Any] = {}

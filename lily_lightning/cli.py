@@ -198,7 +198,7 @@ def _user_message(error: BaseException) -> str | None:
 def check_config_files(args: list[str]) -> None:
     """Each ``--config`` file must be a YAML mapping (jsonargparse says "Unexpected config: " for an empty
     one)."""
-    files = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
+    files = [value for flag, value in itertools.pairwise(args) if flag in ("--config", "-c")]
     files += [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
     example = "a YAML mapping with trainer:, model: and data: sections, like configs/demo.yaml"
     for name in files:
