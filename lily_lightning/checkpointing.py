@@ -105,9 +105,9 @@ class LastCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            held = f"holds {self.path}" if self.path.is_file() else "has no checkpoint yet"
+            held = f"{self.path} holds the last completed one" if self.path.is_file() else "none is saved yet"
             log.warning(
-                "Interrupted in epoch %d (not saved); this run %s. Resume with the same command plus "
+                "Interrupted in epoch %d, which is not saved; %s. Resume with the same command plus "
                 "`--ckpt_path last`.",
                 trainer.current_epoch,
                 held,
