@@ -105,7 +105,11 @@ class LastCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            held = f"{self.path} holds the last completed one" if self.path.is_file() else "no epoch is saved yet"
+            held = (
+                f"{self.path} holds the last completed one"
+                if self.path.is_file()
+                else "no epoch is saved yet"
+            )
             log.warning(
                 "Interrupted in epoch %d, which is not saved; %s. Resume with the same command plus "
                 "`--ckpt_path last`.",
