@@ -285,3 +285,32 @@ def test_data_check_fails_exactly_where_fit_fails(
     assert (fit, check) == ((0, 0) if damage == "none" else (2, 1))
     if damage != "none":
         assert "train800val200.txt" in capsys.readouterr().out.replace("\n", "")  # Rich wraps at 80
+
+
+def test_last_checkpoint_every_epoch_and_every_n_steps(tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lily_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint
+
+    saves: list[tuple[int, int]] = []
+
+    class Recording(AtomicCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict, path: Path, storage_options: None = None) -> None:
+            saves.append((checkpoint["epoch"], checkpoint["global_step"]))
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    trainer = Trainer(
+        max_epochs=2,
+        limit_train_batches=5,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LastCheckpoint(tmp_path, every_n_train_steps=2)],
+        plugins=[Recording()],
+    )
+    trainer.fit(BoringModel())
+    # Steps 2, 4 | end of epoch 0 (step 5) | 6, 8, 10 | end of epoch 1 (step 10 again: it ends the epoch).
+    assert saves == [(0, 2), (0, 4), (0, 5), (1, 6), (1, 8), (1, 10), (1, 10)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
