@@ -36,6 +36,7 @@ from .errors import UsageError, usage_message
 from .module import ViTClassifier
 from .paths import resolve_path, shown_path
 from .predictions import PredictionCSVWriter
+from .progress import PlainProgress
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
@@ -58,6 +59,9 @@ class LilyCLI(LightningCLI):
             default=0,
             help=f"also rewrite checkpoints/{LAST} every this many optimiser steps (0: at epoch ends only)",
         )
+        # Under DDP the data modules share out each global batch themselves (data.sampling), without
+        # Lightning's padding sampler, so N processes see the batches of one and evaluate each image once.
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -91,7 +95,7 @@ class LilyCLI(LightningCLI):
             every = self._get(self.config_init, "checkpoint_every_n_steps", default=0) or 0
             callbacks.append(LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=every))
         if wanted(ProgressBar, "enable_progress_bar"):
-            callbacks.append(RichProgressBar())
+            callbacks.append(progress_callback(run_dir))
         if self.subcommand == "predict":
             callbacks.append(PredictionCSVWriter(run_dir / "predictions.csv"))
         kwargs["callbacks"] = callbacks
@@ -122,6 +126,13 @@ def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     return plugins
+
+
+def progress_callback(run_dir: Path) -> ProgressBar:
+    """Rich's live bar on a terminal; plain periodic lines (also in ``train.log``) in a file, pipe or CI."""
+    if sys.stdout.isatty():
+        return RichProgressBar()
+    return PlainProgress(log_file=run_dir / "train.log")
 
 
 def run_lightning(args: list[str] | None) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .adapters import LilyConfig, LoRAConfig
@@ -62,6 +62,12 @@ def create_backbone(
     if weights is not None:
         load_backbone_weights(model, weights)
     return model
+
+
+def update(metric: Metric, *values: torch.Tensor) -> None:
+    """``metric.update(*values)`` unless the batch is empty (DDP's ragged end; torchmetrics rejects those)."""
+    if values[-1].numel():
+        metric.update(*values)
 
 
 class ViTClassifier(L.LightningModule):
@@ -136,6 +142,8 @@ class ViTClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss = MeanMetric()  # per image, so a zero-size or ragged batch weighs what it holds
+        self.test_images = SumMetric()  # images counted, over every process: the test set size, once each
         self.val_acc_best = MaxMetric()
         # Checkpoints hold only the trainable tensors; the frozen backbone comes from `weights`.
         self.strict_loading = False
@@ -179,7 +187,7 @@ class ViTClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits, labels)
+        update(self.train_acc, logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
@@ -188,8 +196,9 @@ class ViTClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.val_acc(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        update(self.val_acc, logits, labels)
+        update(self.val_loss, F.cross_entropy(logits, labels, reduction="none"))
+        self.log("val/loss", self.val_loss)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -200,15 +209,18 @@ class ViTClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
-        self.test_acc(self(images), labels)
+        update(self.test_acc, self(images), labels)
+        self.test_images.update(labels.numel())
         self.log("test/acc", self.test_acc)
+        self.log("test/images", self.test_images, reduce_fx="sum")
 
     def on_test_epoch_end(self) -> None:
         final = float(self.test_acc.compute())
         best = max(final, float(self.val_acc_best.compute())) if self.val_acc_best.update_count else final
         self.log("test/acc_best_of_evals", best)
+        images = int(self.test_images.compute())
         if self.trainer.is_global_zero:
-            self._print_results(final, best)
+            self._print_results(final, best, images)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -216,7 +228,7 @@ class ViTClassifier(L.LightningModule):
         confidence, label = probs.max(-1)
         return {"label": label, "confidence": confidence}
 
-    def _print_results(self, final: float, best: float) -> None:
+    def _print_results(self, final: float, best: float, images: int) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         task = getattr(datamodule, "task", None) or getattr(datamodule, "name", "?")
         reported = final if self.report == "final" else best
@@ -224,7 +236,8 @@ class ViTClassifier(L.LightningModule):
         print(
             f"RESULT task={task} method={self.method} "
             f"trainable_params={self.trainable_parameters} adapter_params={self.adapter_parameters} "
-            f"top1={reported:.4f} report={self.report} final={final:.4f} best_of_evals={best:.4f}",
+            f"top1={reported:.4f} report={self.report} final={final:.4f} best_of_evals={best:.4f} "
+            f"images={images}",
             flush=True,
         )
 

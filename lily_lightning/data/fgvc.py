@@ -113,6 +113,10 @@ class FGVCDataModule(SplitDataModule):
     def role_splits(self) -> dict[Role, tuple[str, ...]]:
         return _ROLE_SPLITS[self.split_mode]
 
+    @property
+    def data_folder(self) -> Path:
+        return self.dataset_dir
+
     def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
         if self._splits is None:  # all three json files are needed for the class-id mapping
             self._splits = read_fgvc_splits(self.dataset_dir, self._fgvc_task)

@@ -169,6 +169,10 @@ class VTAB1kDataModule(SplitDataModule):
     def role_splits(self) -> dict[Role, tuple[str, ...]]:
         return _ROLE_SPLITS[self.split_mode]
 
+    @property
+    def data_folder(self) -> Path:
+        return self.task_dir
+
     def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
         records = self._records(splits)
         label_hint = None
