@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Literal
 
@@ -38,11 +39,19 @@ def create_backbone(
     if img_size is not None:
         kwargs["img_size"] = img_size
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:12]
-        raise UsageError(f"unknown timm backbone {name!r}; e.g. {', '.join(close) or 'vit_base_patch16_224'}")
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
+        raise UsageError(
+            f"unknown timm backbone {name!r}; did you mean {' or '.join(close) or 'vit_base_patch16_224'}? "
+            "`timm.list_models('vit_*')` lists the ViTs."
+        )
     hub = pretrained and weights is None
     try:
         model = timm.create_model(name, pretrained=hub, **kwargs)
+    except TypeError as e:  # e.g. `img_size` given to a CNN, which has no such argument
+        raise UsageError(
+            f"backbone {name!r} cannot be built as a ViT ({e}); lily_lightning adapts timm Vision "
+            "Transformers: vit_*, deit_*, eva_* ... (`timm.list_models('vit_*')`)."
+        ) from e
     except (OSError, RuntimeError) as e:
         if not hub:
             raise
@@ -154,6 +163,16 @@ class ViTClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model((images - self.mean) / self.std)
+
+    def setup(self, stage: str) -> None:
+        # timm's patch embedding asserts the input size; say which two settings disagree instead.
+        data_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        model_size = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", ()))
+        if data_size is not None and model_size and model_size != (data_size, data_size):
+            raise UsageError(
+                f"the data yields {data_size} px images (data.image_size) but the model expects "
+                f"{'x'.join(map(str, model_size))} (model.img_size): set both to the same size."
+            )
 
     # -- steps -----------------------------------------------------------------------------------------
 
@@ -268,11 +287,23 @@ class ViTClassifier(L.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self._saved_keys() - set(checkpoint["state_dict"]))
+        state = checkpoint["state_dict"]
+        missing = sorted(self._saved_keys() - set(state))
+        current = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        mis_shaped = [
+            f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
+            for k, v in state.items()
+            if k in current and v.shape != current[k].shape
+        ]
+        problems = []
         if missing:
+            problems.append(f"lacks {len(missing)} tensors of this model (e.g. {missing[:3]})")
+        if mis_shaped:
+            problems.append(f"has {len(mis_shaped)} tensors of another shape (e.g. {mis_shaped[:2]})")
+        if problems:
             raise UsageError(
-                f"the checkpoint lacks {len(missing)} tensors of this model (e.g. {missing[:3]}); "
-                "was it written with another method, adapter config, backbone or class count?"
+                f"the checkpoint {'; '.join(problems)}; was it written with another method, adapter config, "
+                "backbone or class count?"
             )
         if checkpoint.get("val_acc_best") is not None:
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
