@@ -72,9 +72,10 @@ def mix_experts(z: torch.Tensor, probs: torch.Tensor, hp: torch.Tensor, routing:
         # The paper: one mix for the whole batch, from the router's softmax averaged over batch and tokens.
         return mix_fixed(z, probs.reshape(-1, num_experts).mean(0), hp)
     if routing == "sample":
-        weights = probs.reshape(probs.shape[0], -1, num_experts).mean(1)  # (B, E)
+        tokens = math.prod(z.shape[1:-1])  # not -1 in reshape: a zero-size batch (DDP's ragged end) is valid
+        weights = probs.reshape(probs.shape[0], tokens, num_experts).mean(1)  # (B, E)
         hp_mix = torch.tensordot(weights, hp, dims=1)  # (B, r, out)
-        flat = z.reshape(z.shape[0], -1, rank)
+        flat = z.reshape(z.shape[0], tokens, rank)
         return torch.bmm(flat, hp_mix).reshape(*z.shape[:-1], out_features)
     # token: sum_e p_e (z @ HP_e) == (p outer z) @ [HP_1; ...; HP_E], one matmul over the concatenated
     # bank, so no (B, N, E, out) tensor is ever built; the largest intermediate is (B, N, E * r).
