@@ -93,6 +93,8 @@ class ViTClassifier(L.LightningModule):
         report: the accuracy the results line reports: ``final`` (the final model's test accuracy) or
             ``best_of_evals`` (the best of the validation evaluations and the final test, as the
             official code reports: with ``split_mode: train800val200`` validation runs on the test split).
+        compile: ``torch.compile`` the backbone (adapters included) in place; checkpoints are the same
+            as an eager model's, so either kind loads the other's. Train and eval mode compile once each.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class ViTClassifier(L.LightningModule):
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
         report: Report = "final",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -133,6 +136,10 @@ class ViTClassifier(L.LightningModule):
         elif method == "linear_probe":
             self.model.requires_grad_(False)
         self.model.get_classifier().requires_grad_(True)
+        if compile:
+            # nn.Module.compile compiles in place: the module tree, and so every state_dict key, stays the
+            # eager model's (torch.compile(model) would wrap it and prefix each key with `_orig_mod.`).
+            self.model.compile()
 
         mean, std = self._normalization(normalize)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
