@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -40,11 +41,19 @@ def create_backbone(
     if img_size is not None:
         kwargs["img_size"] = img_size
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:12]
-        raise UsageError(f"unknown timm backbone {name!r}; e.g. {', '.join(close) or 'vit_base_patch16_224'}")
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
+        raise UsageError(
+            f"unknown timm backbone {name!r}; did you mean {' or '.join(close) or 'vit_base_patch16_224'}? "
+            "`timm.list_models('vit_*')` lists the ViTs."
+        )
     hub = pretrained and weights is None
     try:
         model = timm.create_model(name, pretrained=hub, **kwargs)
+    except TypeError as e:  # e.g. `img_size` given to a CNN, which has no such argument
+        raise UsageError(
+            f"backbone {name!r} cannot be built as a ViT ({e}); lily_lightning adapts timm Vision "
+            "Transformers: vit_*, deit_*, eva_* ... (`timm.list_models('vit_*')`)."
+        ) from e
     except (OSError, RuntimeError) as e:
         if not hub:
             raise
@@ -86,6 +95,8 @@ class ViTClassifier(L.LightningModule):
         report: the accuracy the results line reports: ``final`` (the final model's test accuracy) or
             ``best_of_evals`` (the best of the validation evaluations and the final test, as the
             official code reports: with ``split_mode: train800val200`` validation runs on the test split).
+        compile: ``torch.compile`` the backbone (adapters included) in place; checkpoints are the same
+            as an eager model's, so either kind loads the other's. Train and eval mode compile once each.
     """
 
     def __init__(
@@ -107,6 +118,7 @@ class ViTClassifier(L.LightningModule):
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
         report: Report = "final",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -126,6 +138,10 @@ class ViTClassifier(L.LightningModule):
         elif method == "linear_probe":
             self.model.requires_grad_(False)
         self.model.get_classifier().requires_grad_(True)
+        if compile:
+            # nn.Module.compile compiles in place: the module tree, and so every state_dict key, stays the
+            # eager model's (torch.compile(model) would wrap it and prefix each key with `_orig_mod.`).
+            self.model.compile()
 
         mean, std = self._normalization(normalize)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -156,6 +172,16 @@ class ViTClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model((images - self.mean) / self.std)
+
+    def setup(self, stage: str) -> None:
+        # timm's patch embedding asserts the input size; say which two settings disagree instead.
+        data_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        model_size = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", ()))
+        if data_size is not None and model_size and model_size != (data_size, data_size):
+            raise UsageError(
+                f"the data yields {data_size} px images (data.image_size) but the model expects "
+                f"{'x'.join(map(str, model_size))} (model.img_size): set both to the same size."
+            )
 
     # -- steps -----------------------------------------------------------------------------------------
 
@@ -286,11 +312,23 @@ class ViTClassifier(L.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self._saved_keys() - set(checkpoint["state_dict"]))
+        state = checkpoint["state_dict"]
+        missing = sorted(self._saved_keys() - set(state))
+        current = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        mis_shaped = [
+            f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
+            for k, v in state.items()
+            if k in current and v.shape != current[k].shape
+        ]
+        problems = []
         if missing:
+            problems.append(f"lacks {len(missing)} tensors of this model (e.g. {missing[:3]})")
+        if mis_shaped:
+            problems.append(f"has {len(mis_shaped)} tensors of another shape (e.g. {mis_shaped[:2]})")
+        if problems:
             raise UsageError(
-                f"the checkpoint lacks {len(missing)} tensors of this model (e.g. {missing[:3]}); "
-                "was it written with another method, adapter config, backbone or class count?"
+                f"the checkpoint {'; '.join(problems)}; was it written with another method, adapter config, "
+                "backbone or class count?"
             )
         if checkpoint.get("val_acc_best") is not None:
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))

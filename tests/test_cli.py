@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lily_lightning import UsageError
+from lily_lightning import LilyConfig, UsageError
 from lily_lightning.cli import main
 from lily_lightning.data import write_synthetic_vtab_task
 from lily_lightning.module import ViTClassifier
@@ -171,3 +171,27 @@ def test_checkpoint_from_another_method_is_refused(tmp_path: Path, data_root: Pa
     lily = ViTClassifier("vit_tiny_patch16_224", num_classes=NUM_CLASSES, pretrained=False, img_size=32)
     with pytest.raises(UsageError, match=r"lacks .* tensors of this model"):
         lily.on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.slow
+def test_compiled_fit_resume_and_test_write_eager_checkpoints(tmp_path: Path, data_root: Path) -> None:
+    # model.compile: true through the CLI (inductor, minutes on 2 cores): fit 1 epoch, resume to 2, test;
+    # the checkpoint has the eager model's keys and loads into an eager model.
+    config = tiny_run_config(tmp_path, data_root, epochs=1)
+    config.write_text(config.read_text().replace("  method: lily\n", "  method: lily\n  compile: true\n"))
+    assert main(["fit", "--config", str(config)]) == 0
+    config.write_text(config.read_text().replace("max_epochs: 1", "max_epochs: 2"))
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert main(["test", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
+    saved = trainable_tensors(checkpoint)
+    eager = ViTClassifier(
+        "vit_tiny_patch16_224",
+        num_classes=NUM_CLASSES,
+        pretrained=False,
+        img_size=32,
+        lily=LilyConfig(rank=4, num_experts=2),
+    )
+    assert set(saved) == eager._saved_keys()
+    eager.load_state_dict(saved, strict=False)
+    assert all(torch.equal(eager.state_dict()[key], value) for key, value in saved.items())

@@ -38,6 +38,13 @@ class SplitDataModule(L.LightningDataModule, ABC):
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int):
         super().__init__()
+        for name, value, least in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < least:
+                raise UsageError(f"data.{name} must be at least {least}, got {value}.")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers

@@ -14,7 +14,7 @@ from lily_lightning.data.records import ImageRecord, read_json_split, validate
 from lily_lightning.data.tasks import FGVC_TASKS, FGVCTask, require_fgvc_task
 from lily_lightning.data.transforms import fgvc_eval_transform, fgvc_train_transform
 from lily_lightning.errors import UsageError
-from lily_lightning.paths import resolve_path
+from lily_lightning.paths import resolve_path, shown_path
 
 FGVC_SPLITS: tuple[str, ...] = ("train", "val", "test")
 FGVC_SOURCE = (
@@ -41,7 +41,7 @@ def locate_fgvc_dataset(root: str | Path, task: FGVCTask) -> Path:
     """The dataset folder: ``root/<VPT folder>``, ``root/<name>``, or ``root`` itself if it holds the json."""
     root = resolve_path(root)
     if not root.is_dir():
-        raise UsageError(f"FGVC root folder {root} does not exist.\n{FGVC_LAYOUT}")
+        raise UsageError(f"FGVC root folder {shown_path(root)} does not exist.\n{FGVC_LAYOUT}")
     for folder in (root / task.folder, root / task.name, root):
         if (folder / "train.json").is_file():
             return folder
