@@ -1,4 +1,4 @@
-"""``python -m lily_lightning``: LightningCLI for fit/validate/test/predict, plus ``prepare`` and ``data``.
+"""``python -m lily_lightning``: LightningCLI for fit/validate/test/predict, and prepare, data, export.
 
 The Lightning subcommands take YAML configs (``--config``, layered left to right) and overrides such as
 ``--data.name dtd --model.lily.rank 16``; ``data.num_classes`` is linked into the model.
@@ -24,7 +24,8 @@ from .predictions import PredictionCSVWriter
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
-       python -m lily_lightning data check --root ROOT [--name TASK]"""
+       python -m lily_lightning data check --root ROOT [--name TASK]
+       python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"""
 
 
 class LilyCLI(LightningCLI):
@@ -37,6 +38,22 @@ class LilyCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        # `main` passes the arguments it dispatched on (`export` rewrites them), so Lightning's warning about
+        # args next to sys.argv does not apply.
+        self.config = parser.parse_args(args)
+        # What the command line and its config files set, defaults left out (see _parse_ckpt_path).
+        self.explicit_config = parser.parse_args(args, defaults=False)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning rebuilds the model from the checkpoint's hyper-parameters, over the command line. How a
+        # trained model evaluates is no part of what it learnt: an eval_routing the command sets wins.
+        super()._parse_ckpt_path()
+        key = f"{self.config.get('subcommand')}.model.lily.eval_routing"
+        eval_routing = self.explicit_config.get(key)
+        if eval_routing is not None:
+            self.config[key] = eval_routing
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -65,8 +82,8 @@ class LilyCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def run_lightning(args: list[str] | None) -> None:
-    LilyCLI(
+def run_lightning(args: list[str] | None, cli: type[LilyCLI] = LilyCLI) -> LilyCLI:
+    return cli(
         ViTClassifier,
         subclass_mode_model=False,
         subclass_mode_data=True,
@@ -100,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             from .data.check import main as data_check_main
 
             return data_check_main(args[2:])
+        if args[:1] == ["export"]:
+            from .export import main as export_main
+
+            return export_main(args[1:])
         # LightningCLI reads sys.argv itself when called from the command line.
         run_lightning(None if argv is None else args)
     except Exception as e:

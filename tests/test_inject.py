@@ -25,6 +25,8 @@ def lily_delta(h, lp_w, router_w, hps, routing, relu):
     z = h @ lp_w.T
     if relu:
         z = torch.relu(z)
+    if router_w is None:  # no router: every given expert at full weight
+        return sum(z @ hp for hp in hps)
     p = torch.softmax(z @ router_w.T, dim=-1)  # (B, N, E)
     if routing == "batch":
         w = p.mean(dim=(0, 1)).expand_as(p)
@@ -44,7 +46,8 @@ def reference_forward(model, x, hp_per_block=None, routing="batch", stride=1):
 
     def delta(site, i, h):
         hps = hp_per_block[site][i] if hp_per_block else list(ad[site].hp)
-        lp_w, router_w = ad[site].lp[i // stride].weight, ad[site].router[i].weight
+        lp_w = ad[site].lp[i // stride].weight
+        router_w = ad[site].router[i].weight if len(ad[site].router) else None
         return lily_delta(h, lp_w, router_w, hps, routing, relu=site == "mlp")
 
     x = model.norm_pre(model._pos_embed(model.patch_embed(x)))

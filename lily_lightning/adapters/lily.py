@@ -92,9 +92,15 @@ class LilyAdapter(nn.Module):
 
         Uniform routing always; batch routing in eval mode with ``eval_routing="running"``.
         """
+        if self.training and self.routing != "uniform":
+            return None
+        return self.eval_mix(block)
+
+    def eval_mix(self, block: int) -> torch.Tensor | None:
+        """The expert weights (E,) ``block`` uses in eval mode if they are input-independent, else None."""
         if self.routing == "uniform":
             return self.hp.new_full((self.hp.shape[0],), 1.0 / self.hp.shape[0])
-        if self.routing == "batch" and self.eval_routing == "running" and not self.training:
+        if self.routing == "batch" and self.eval_routing == "running":
             return self.running_mix[block]
         return None
 
