@@ -124,3 +124,12 @@ def test_params_table_prints_the_vit_b_figures_of_the_tests(capsys: pytest.Captu
     assert rows["LoRA r=8 on q,v"] == "0.295"
     assert rows["Lily r=32 E=4 on k,v,mlp"] == "0.793"
     assert rows["full fine-tuning"] == "85.799"  # 86,567,656 minus the 1000-class head's 769,000
+
+
+def test_eval_throughput_prints_every_row_and_the_merge_target(capsys: pytest.CaptureFixture[str]) -> None:
+    eval_throughput = _load("eval_throughput")
+    best = eval_throughput.main([*TINY_RUN])
+    out = capsys.readouterr().out
+    assert list(best) == list(eval_throughput.ROWS) and all(v > 0 for v in best.values())
+    assert all(f"| {row}" in out for row in eval_throughput.ROWS)
+    assert "target merged-kv >= 0.98 x backbone images/s" in out
