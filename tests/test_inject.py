@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tiny_vits import VARIANTS, tiny_vit
 
 from lily_lightning import LilyConfig, LoRAConfig, count_parameters, inject
+from lily_lightning.inject import timm_state_dict
 
 
 def randomise_adapters(model: torch.nn.Module, seed: int = 1) -> None:
@@ -208,3 +209,15 @@ def test_unsupported_block_names_the_missing_module() -> None:
     model.blocks[1].attn.qkv = torch.nn.Identity()
     with pytest.raises(ValueError, match=r"block 1 .* no plain `attn.qkv`"):
         inject(model, LilyConfig(rank=2))
+
+
+def test_timm_state_dict_has_timm_names_even_for_nested_wrappers() -> None:
+    backbone = tiny_vit()
+    model = inject(
+        copy.deepcopy(backbone), LilyConfig(rank=2, targets=("q", "v", "proj", "fc1", "fc2", "mlp"))
+    )
+    assert "blocks.0.mlp.base.fc1.base.weight" in model.state_dict()  # fc1 wrapped inside the wrapped MLP
+    state = timm_state_dict(model)
+    expected = backbone.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
