@@ -9,9 +9,11 @@ batch size, each row times an eval forward pass under ``torch.inference_mode``. 
   merged-kv    lily-kv after lily_lightning.merge: k and v folded into qkv, no branch left
   merged       lily after merge: k and v folded, the mlp site (ReLU) still a side branch
 
-Target: merged-kv within 2% of the backbone (images/s >= 0.98 x). Noise: the rows are interleaved (one
-repeat of every row, then the next repeat, alternating the order), each repeat times ``--steps`` batches
-and keeps their median; the table shows the best repeat, the median repeat and the spread (max / min - 1).
+GFLOP/batch counts one forward pass with torch's FlopCounterMode (matmuls and convolutions: the
+machine-independent side of the cost). Target: merged-kv within 2% of the backbone (images/s >= 0.98 x).
+Noise: the rows are interleaved (one repeat of every row, then the next repeat, alternating the order),
+each repeat times ``--steps`` batches and keeps their median; the table shows the best repeat, the median
+repeat and the spread (max / min - 1).
 
     python benchmarks/eval_throughput.py                      # CPU, DINOv2-S at 112 px, batch 32
     python benchmarks/eval_throughput.py --device cuda --batch-size 256
@@ -28,6 +30,7 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +59,13 @@ def build_row(name: str, args: argparse.Namespace) -> nn.Module:
     return model.to(args.device).eval()
 
 
+def gflops(model: nn.Module, images: torch.Tensor) -> float:
+    """FLOPs of one forward pass (torch's FlopCounterMode): the machine-independent side of the cost."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(images)
+    return counter.get_total_flops() / 1e9
+
+
 def _forward(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         with torch.inference_mode():
@@ -70,16 +80,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     machine = header(args).split("\n", 1)[1]
     print(f"# {args.model}, random init, {args.img_size} px, batch {args.batch_size}, fp32 eval\n{machine}")
     images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
-    fns = {name: _forward(build_row(name, args), images) for name in args.rows}
+    models = {name: build_row(name, args) for name in args.rows}
+    flops = {name: gflops(model, images) for name, model in models.items()}
+    fns = {name: _forward(model, images) for name, model in models.items()}
     seconds = interleaved(fns, args, lambda line: print(line, file=sys.stderr, flush=True))
     best = {name: args.batch_size / min(times) for name, times in seconds.items()}
     rows = []
     for name, times in seconds.items():
         ratio = f"{best[name] / best['backbone']:.3f}" if "backbone" in best else "-"
         median = args.batch_size / statistics.median(times)
-        rows.append([name, f"{best[name]:.1f}", f"{median:.1f}", f"{max(times) / min(times) - 1:.0%}", ratio])
+        spread = f"{max(times) / min(times) - 1:.0%}"
+        rows.append([name, f"{best[name]:.1f}", f"{median:.1f}", spread, ratio, f"{flops[name]:.2f}"])
     print(f"\n## eval throughput ({args.model}, {args.img_size} px, batch {args.batch_size})\n")
-    print("\n".join(markdown_table(["row", "images/s", "median images/s", "spread", "x backbone"], rows)))
+    columns = ["row", "images/s", "median images/s", "spread", "x backbone", "GFLOP/batch"]
+    print("\n".join(markdown_table(columns, rows)))
     if "backbone" in best and "merged-kv" in best:
         ratio = best["merged-kv"] / best["backbone"]
         verdict = "met" if ratio >= TARGET else "not met"
