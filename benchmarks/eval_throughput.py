@@ -11,7 +11,7 @@ batch size, each row times an eval forward pass under ``torch.inference_mode``. 
 
 GFLOP/batch counts one forward pass with torch's FlopCounterMode (matmuls and convolutions: the
 machine-independent side of the cost). Target: merged-kv within 2% of the backbone (images/s >= 0.98 x).
-Noise: the rows are interleaved (one repeat of every row, then the next repeat, alternating the order),
+Noise: step_time's paired repeats (every row once per repeat, the order rotated by one each repeat);
 each repeat times ``--steps`` batches and keeps their median; the table shows the best repeat, the median
 repeat and the spread (max / min - 1).
 
@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import header, interleaved, markdown_table
+from step_time import header, markdown_table, paired
 
 from lily_lightning import LilyConfig, inject, merge
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     models = {name: build_row(name, args) for name in args.rows}
     flops = {name: gflops(model, images) for name, model in models.items()}
     fns = {name: _forward(model, images) for name, model in models.items()}
-    seconds = interleaved(fns, args, lambda line: print(line, file=sys.stderr, flush=True))
+    seconds = paired(fns, args, lambda line: print(line, file=sys.stderr, flush=True))
     best = {name: args.batch_size / min(times) for name, times in seconds.items()}
     rows = []
     for name, times in seconds.items():
@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches per row")
-    parser.add_argument("--repeats", type=int, default=6, help="interleaved repeats of every row")
+    parser.add_argument("--repeats", type=int, default=6, help="paired repeats of every row")
     parser.add_argument("--steps", type=int, default=3, help="timed batches per repeat (their median counts)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     args = parser.parse_args(argv)

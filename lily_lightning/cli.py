@@ -6,21 +6,37 @@ The Lightning subcommands take YAML configs (``--config``, layered left to right
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
-from .errors import UsageError
+from .checkpointing import (
+    LAST,
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    check_fits,
+    checkpoint_file,
+    read_checkpoint,
+    resolve_checkpoint,
+)
+from .errors import UsageError, usage_message
 from .module import ViTClassifier
+from .paths import resolve_path, shown_path
 from .predictions import PredictionCSVWriter
+from .progress import PlainProgress
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
@@ -32,12 +48,21 @@ class LilyCLI(LightningCLI):
     """LightningCLI with the class count linked from the data and per-run defaults for logs and checkpoints.
 
     Unless the config says otherwise, a run writes to ``runs/<task>/<method>/``: CSV and TensorBoard logs,
-    and ``checkpoints/last.ckpt`` (adapter + head + optimiser state, rewritten every epoch) so
-    ``fit --ckpt_path last`` resumes an interrupted run.
+    and ``checkpoints/last.ckpt`` (adapter + head + optimiser state, rewritten atomically every epoch) so
+    ``fit --ckpt_path last`` resumes an interrupted run; ``last`` means that file and no other.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=0,
+            help=f"also rewrite checkpoints/{LAST} every this many optimiser steps (0: at epoch ends only)",
+        )
+        # Under DDP the data modules share out each global batch themselves (data.sampling), without
+        # Lightning's padding sampler, so N processes see the batches of one and evaluate each image once.
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
         # `main` passes the arguments it dispatched on (`export` rewrites them), so Lightning's warning about
@@ -45,6 +70,14 @@ class LilyCLI(LightningCLI):
         self.config = parser.parse_args(args)
         # What the command line and its config files set, defaults left out (see _parse_ckpt_path).
         self.explicit_config = parser.parse_args(args, defaults=False)
+        # LightningCLI loads an explicit --ckpt_path right after parsing, for its hyper-parameters: read it
+        # first, so a missing or damaged file is one message rather than a stack trace.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last"):
+            path = checkpoint_file(ckpt_path)
+            read_checkpoint(path)
+            self.config[subcommand]["ckpt_path"] = str(path)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning rebuilds the model from the checkpoint's hyper-parameters, over the command line. How a
@@ -73,13 +106,47 @@ class LilyCLI(LightningCLI):
             return config.get(switch) is not False and not any(isinstance(c, kind) for c in callbacks)
 
         if wanted(ModelCheckpoint, "enable_checkpointing"):
-            callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0))
+            every = self._get(self.config_init, "checkpoint_every_n_steps", default=0) or 0
+            callbacks.append(LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=every))
         if wanted(ProgressBar, "enable_progress_bar"):
-            callbacks.append(RichProgressBar())
+            callbacks.append(progress_callback(run_dir))
         if self.subcommand == "predict":
             callbacks.append(PredictionCSVWriter(run_dir / "predictions.csv"))
         kwargs["callbacks"] = callbacks
+        kwargs["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
+        self._resolve_checkpoint(run_dir / "checkpoints")
         return super().instantiate_trainer(**kwargs)
+
+    def _resolve_checkpoint(self, checkpoint_dir: Path) -> None:
+        """Point the subcommand at the checkpoint file it runs from, after checking it fits the model."""
+        if self.subcommand is None:
+            return
+        ckpt_path = self._get(self.config_init, "ckpt_path")
+        path = resolve_checkpoint(self.subcommand, ckpt_path, checkpoint_dir)
+        if path is not None:
+            check_fits(path, read_checkpoint(path), self.model.hparams)
+        elif self.subcommand == "fit" and (checkpoint_dir / LAST).is_file():
+            logging.getLogger("lily_lightning").warning(
+                "Starting a new run: %s of an earlier run will be overwritten when this one ends its first "
+                "epoch. To continue that run instead, add `--ckpt_path last`.",
+                checkpoint_dir / LAST,
+            )
+        self.config_init[self.subcommand]["ckpt_path"] = None if path is None else str(path)
+
+
+def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
+    """The configured Trainer plugins, plus :class:`AtomicCheckpointIO` unless one writes checkpoints."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+def progress_callback(run_dir: Path) -> ProgressBar:
+    """Rich's live bar on a terminal; plain periodic lines (also in ``train.log``) in a file, pipe or CI."""
+    if sys.stdout.isatty():
+        return RichProgressBar()
+    return PlainProgress(log_file=run_dir / "train.log")
 
 
 def run_lightning(args: list[str] | None, cli: type[LilyCLI] = LilyCLI) -> LilyCLI:
@@ -117,20 +184,63 @@ def main(argv: list[str] | None = None) -> int:
             from .data.check import main as data_check_main
 
             return data_check_main(args[2:])
+        check_config_files(args)
         if args[:1] == ["export"]:
             from .export import main as export_main
 
             return export_main(args[1:])
         # LightningCLI reads sys.argv itself when called from the command line.
         run_lightning(None if argv is None else args)
+    except KeyboardInterrupt:
+        # Ctrl-C before or after Lightning's own handler (which exits 1 itself): no stack trace either.
+        _print_error("interrupted (Ctrl-C).")
+        return 130
     except Exception as e:
-        usage_error = _find_usage_error(e)
-        if usage_error is None:
+        message = _user_message(e)
+        if message is None:
             raise
-        console = Console(stderr=True, soft_wrap=True, highlight=False)
-        console.print(f"[bold red]error:[/bold red] {usage_error}")
+        _print_error(message)
         return 2
     return 0
+
+
+def _print_error(message: str) -> None:
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
+    console.print("[bold red]error:[/bold red]", Text(message))
+
+
+def _user_message(error: BaseException) -> str | None:
+    """The one message for an error the user can fix, or None for a bug (shown with its traceback)."""
+    usage_error = _find_usage_error(error)
+    if usage_error is not None:
+        return usage_message(usage_error)
+    if isinstance(
+        error, MisconfigurationException
+    ):  # Lightning's word for a trainer setting that cannot work
+        return (
+            f"the trainer cannot be set up: {error}\nCheck trainer.accelerator, devices, strategy, precision "
+            "(`--print_config` shows them); e.g. `--trainer.accelerator cpu` on a machine without a GPU."
+        )
+    return None
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config`` file must be a YAML mapping (jsonargparse says "Unexpected config: " for an empty
+    one)."""
+    files = [value for flag, value in itertools.pairwise(args) if flag in ("--config", "-c")]
+    files += [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+    example = "a YAML mapping with trainer:, model: and data: sections, like configs/demo.yaml"
+    for name in files:
+        path = resolve_path(name)
+        if not path.is_file():
+            raise UsageError(f"config file {shown_path(path)} does not exist; --config takes {example}.")
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UsageError(f"config file {path} is not valid YAML:\n{e}") from e
+        if not isinstance(content, dict):
+            what = "empty" if content is None else f"a YAML {type(content).__name__}, not a mapping"
+            raise UsageError(f"config file {path} is {what}; --config takes {example}.")
 
 
 def _find_usage_error(error: BaseException | None) -> UsageError | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .adapters import LilyConfig, LoRAConfig
@@ -38,11 +39,19 @@ def create_backbone(
     if img_size is not None:
         kwargs["img_size"] = img_size
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:12]
-        raise UsageError(f"unknown timm backbone {name!r}; e.g. {', '.join(close) or 'vit_base_patch16_224'}")
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
+        raise UsageError(
+            f"unknown timm backbone {name!r}; did you mean {' or '.join(close) or 'vit_base_patch16_224'}? "
+            "`timm.list_models('vit_*')` lists the ViTs."
+        )
     hub = pretrained and weights is None
     try:
         model = timm.create_model(name, pretrained=hub, **kwargs)
+    except TypeError as e:  # e.g. `img_size` given to a CNN, which has no such argument
+        raise UsageError(
+            f"backbone {name!r} cannot be built as a ViT ({e}); lily_lightning adapts timm Vision "
+            "Transformers: vit_*, deit_*, eva_* ... (`timm.list_models('vit_*')`)."
+        ) from e
     except (OSError, RuntimeError) as e:
         if not hub:
             raise
@@ -53,6 +62,12 @@ def create_backbone(
     if weights is not None:
         load_backbone_weights(model, weights)
     return model
+
+
+def update(metric: Metric, *values: torch.Tensor) -> None:
+    """``metric.update(*values)`` unless the batch is empty (DDP's ragged end; torchmetrics rejects those)."""
+    if values[-1].numel():
+        metric.update(*values)
 
 
 class ViTClassifier(L.LightningModule):
@@ -78,6 +93,8 @@ class ViTClassifier(L.LightningModule):
         report: the accuracy the results line reports: ``final`` (the final model's test accuracy) or
             ``best_of_evals`` (the best of the validation evaluations and the final test, as the
             official code reports: with ``split_mode: train800val200`` validation runs on the test split).
+        compile: ``torch.compile`` the backbone (adapters included) in place; checkpoints are the same
+            as an eager model's, so either kind loads the other's. Train and eval mode compile once each.
     """
 
     def __init__(
@@ -99,6 +116,7 @@ class ViTClassifier(L.LightningModule):
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
         report: Report = "final",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -118,6 +136,10 @@ class ViTClassifier(L.LightningModule):
         elif method == "linear_probe":
             self.model.requires_grad_(False)
         self.model.get_classifier().requires_grad_(True)
+        if compile:
+            # nn.Module.compile compiles in place: the module tree, and so every state_dict key, stays the
+            # eager model's (torch.compile(model) would wrap it and prefix each key with `_orig_mod.`).
+            self.model.compile()
 
         mean, std = self._normalization(normalize)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -127,6 +149,8 @@ class ViTClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss = MeanMetric()  # per image, so a zero-size or ragged batch weighs what it holds
+        self.test_images = SumMetric()  # images counted, over every process: the test set size, once each
         self.val_acc_best = MaxMetric()
         # Checkpoints hold only the trainable tensors; the frozen backbone comes from `weights`.
         self.strict_loading = False
@@ -147,6 +171,16 @@ class ViTClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model((images - self.mean) / self.std)
 
+    def setup(self, stage: str) -> None:
+        # timm's patch embedding asserts the input size; say which two settings disagree instead.
+        data_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        model_size = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", ()))
+        if data_size is not None and model_size and model_size != (data_size, data_size):
+            raise UsageError(
+                f"the data yields {data_size} px images (data.image_size) but the model expects "
+                f"{'x'.join(map(str, model_size))} (model.img_size): set both to the same size."
+            )
+
     # -- steps -----------------------------------------------------------------------------------------
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -160,7 +194,7 @@ class ViTClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits, labels)
+        update(self.train_acc, logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
@@ -169,8 +203,9 @@ class ViTClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.val_acc(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        update(self.val_acc, logits, labels)
+        update(self.val_loss, F.cross_entropy(logits, labels, reduction="none"))
+        self.log("val/loss", self.val_loss)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -181,15 +216,18 @@ class ViTClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
-        self.test_acc(self(images), labels)
+        update(self.test_acc, self(images), labels)
+        self.test_images.update(labels.numel())
         self.log("test/acc", self.test_acc)
+        self.log("test/images", self.test_images, reduce_fx="sum")
 
     def on_test_epoch_end(self) -> None:
         final = float(self.test_acc.compute())
         best = max(final, float(self.val_acc_best.compute())) if self.val_acc_best.update_count else final
         self.log("test/acc_best_of_evals", best)
+        images = int(self.test_images.compute())
         if self.trainer.is_global_zero:
-            self._print_results(final, best)
+            self._print_results(final, best, images)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -197,7 +235,7 @@ class ViTClassifier(L.LightningModule):
         confidence, label = probs.max(-1)
         return {"label": label, "confidence": confidence}
 
-    def _print_results(self, final: float, best: float) -> None:
+    def _print_results(self, final: float, best: float, images: int) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         task = getattr(datamodule, "task", None) or getattr(datamodule, "name", "?")
         reported = final if self.report == "final" else best
@@ -205,7 +243,8 @@ class ViTClassifier(L.LightningModule):
         print(
             f"RESULT task={task} method={self.method} "
             f"trainable_params={self.trainable_parameters} adapter_params={self.adapter_parameters} "
-            f"top1={reported:.4f} report={self.report} final={final:.4f} best_of_evals={best:.4f}",
+            f"top1={reported:.4f} report={self.report} final={final:.4f} best_of_evals={best:.4f} "
+            f"images={images}",
             flush=True,
         )
 
@@ -255,11 +294,23 @@ class ViTClassifier(L.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self._saved_keys() - set(checkpoint["state_dict"]))
+        state = checkpoint["state_dict"]
+        missing = sorted(self._saved_keys() - set(state))
+        current = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        mis_shaped = [
+            f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
+            for k, v in state.items()
+            if k in current and v.shape != current[k].shape
+        ]
+        problems = []
         if missing:
+            problems.append(f"lacks {len(missing)} tensors of this model (e.g. {missing[:3]})")
+        if mis_shaped:
+            problems.append(f"has {len(mis_shaped)} tensors of another shape (e.g. {mis_shaped[:2]})")
+        if problems:
             raise UsageError(
-                f"the checkpoint lacks {len(missing)} tensors of this model (e.g. {missing[:3]}); "
-                "was it written with another method, adapter config, backbone or class count?"
+                f"the checkpoint {'; '.join(problems)}; was it written with another method, adapter config, "
+                "backbone or class count?"
             )
         if checkpoint.get("val_acc_best") is not None:
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))

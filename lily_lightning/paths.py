@@ -22,3 +22,11 @@ def resolve_path(path: str | Path) -> Path:
     if text.startswith(CACHE_SCHEME):
         return default_cache_dir() / text[len(CACHE_SCHEME) :].lstrip("/")
     return Path(text).expanduser()
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` for a message: a relative one also as absolute, with the working directory it is under."""
+    path = Path(path)
+    if path.is_absolute():
+        return str(path)
+    return f"{path} (that is {path.absolute()}; the working directory is {Path.cwd()})"

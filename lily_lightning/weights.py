@@ -125,6 +125,12 @@ def load_backbone_weights(
         if len(lines) > 5:
             lines = [*lines[:5], f"\t... and {len(lines) - 5} more"]
         cause = "\n".join(lines)
+        if isinstance(e, (pickle.UnpicklingError, EOFError)) or "weights_only" in cause:
+            # torch's (or timm's) text advises `weights_only=False`: no option here, no fix for a bad file.
+            cause = (
+                f"{type(e).__name__}: the file is damaged, truncated or not a PyTorch state dict. "
+                f"{_weights_hint(path)}"
+            )
         raise UsageError(f"cannot load {path} into this {type(model).__name__}: {cause}") from e
     model.head.load_state_dict(head)
     if result is not None:  # None for .npz, which timm copies tensor by tensor

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lily_lightning.adapters import LilyAdapter, LilyConfig, LoRAAdapter, LoRAConfig, mix_experts
+from lily_lightning.adapters import LilyAdapter, LilyConfig, LoRAAdapter, LoRAConfig, mix_experts, scaled_mix
 
 
 def loop_mix(z: torch.Tensor, probs: torch.Tensor, hp: torch.Tensor, routing: str) -> torch.Tensor:
@@ -177,3 +177,89 @@ def test_running_eval_routing_uses_the_stored_mix_and_uniform_has_no_router() ->
 def test_lily_config_rejects_bad_routing_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LilyConfig(**kwargs)
+
+
+# --- the lean batch / fixed-mix delta against plain autograd ---------------------------------------------
+
+
+def plain_lily(adapter: LilyAdapter, x: torch.Tensor, block: int, mix: torch.Tensor | None) -> torch.Tensor:
+    """Second formulation of one block's delta in plain autograd ops, from the adapter's raw weights."""
+    z = x @ adapter.lp[block // adapter.lp_stride].weight.T
+    if isinstance(adapter.act, torch.nn.ReLU):
+        z = torch.relu(z)
+    if mix is None:  # batch routing: the softmax averaged over every row
+        mix = torch.softmax(z @ adapter.router[block].weight.T, dim=-1).mean(dim=(0, 1))
+    return (z * adapter.scale) @ sum(mix[e] * adapter.hp[e] for e in range(adapter.hp.shape[0]))
+
+
+@pytest.mark.parametrize("mode", ["batch", "running", "uniform"])
+@pytest.mark.parametrize("nonlinear", [False, True])
+def test_lean_delta_gradients_equal_plain_autograd(mode: str, nonlinear: bool) -> None:
+    torch.manual_seed(0)
+    adapter = LilyAdapter(
+        6,
+        5,
+        depth=2,
+        rank=3,
+        num_experts=4,
+        lp_stride=1,
+        scale=0.7,
+        routing="uniform" if mode == "uniform" else "batch",
+        nonlinear=nonlinear,
+        eval_routing="running" if mode == "running" else "batch",
+    )
+    with torch.no_grad():
+        adapter.hp.normal_()
+        if mode == "running":
+            adapter.running_mix.copy_(torch.softmax(torch.randn(2, 4), -1))
+    adapter.train(mode != "running")
+    mix = {"batch": None, "uniform": torch.full((4,), 0.25)}.get(mode)
+    if mode == "running":
+        mix = adapter.running_mix[1]
+    x = torch.randn(2, 7, 6, requires_grad=True)
+    weights = torch.randn(2, 7, 5)  # a loss that weighs every output differently
+
+    grads = {}
+    for name, fn in (("lean", lambda: adapter(x, 1)), ("plain", lambda: plain_lily(adapter, x, 1, mix))):
+        adapter.zero_grad(set_to_none=True)
+        x.grad = None
+        out = fn()
+        (out * weights).sum().backward()
+        grads[name] = {"out": out.detach(), "x": x.grad.clone()}
+        grads[name] |= {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+    assert (
+        grads["lean"].keys() == grads["plain"].keys()
+        and "hp" in grads["lean"]
+        and "lp.1.weight" in grads["lean"]
+    )
+    for key, value in grads["plain"].items():
+        torch.testing.assert_close(grads["lean"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_scaled_mix_passes_gradcheck() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    weights = torch.softmax(torch.randn(3, dtype=torch.float64, generator=g), 0).requires_grad_()
+    hp = torch.randn(3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: scaled_mix(*a, 0.7), (z, weights, hp))
+
+
+def test_batch_routing_saves_only_the_input_and_rank_sized_tensors() -> None:
+    # What backward keeps of one batch-routed delta: the input x (for the LP gradient), z, the router's
+    # softmax and the (E,) mix - no scaled copy of z and no (r, out) mixed bank.
+    adapter = LilyAdapter(
+        16, 64, depth=1, rank=4, num_experts=2, lp_stride=1, scale=0.5, routing="batch", nonlinear=False
+    )
+    params = {p.untyped_storage().data_ptr() for p in adapter.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x = torch.randn(3, 5, 16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        adapter(x, 0)
+    floats = 3 * 5 * 16 + 3 * 5 * 4 + 3 * 5 * 2 + 2  # x, z, softmax, mix
+    assert sum(saved.values()) == 4 * floats

@@ -22,10 +22,11 @@ def _load(name: str):
 
 step_time = _load("step_time")
 params = _load("params")
+sys.path.insert(0, str(BENCHMARKS))  # saved_tensors.py imports step_time as a sibling script
+saved_tensors = _load("saved_tensors")
 
 # vit_tiny at 32 px: 12 blocks of width 192 on 4 patches, so a step takes milliseconds.
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2", "--num-classes", "5"]
-TINY_RUN = [*TINY, "--warmup", "1", "--repeats", "1", "--steps", "1"]
 
 
 def _has_peft() -> bool:
@@ -34,7 +35,7 @@ def _has_peft() -> bool:
 
 def test_step_time_prints_every_row_and_the_eval_table(capsys: pytest.CaptureFixture[str]) -> None:
     rows = [r for r in step_time.ROWS if _has_peft() or not r.startswith("peft-")]
-    step_time.main([*TINY_RUN, "--memory-repeats", "0", "--rows", *rows])
+    step_time.main(["--quick", "--rows", *rows])
     out = capsys.readouterr().out
     assert "torch" in out and "threads" in out  # the machine header
     table = out.split("## training step")[1].split("## eval throughput")[0]
@@ -42,7 +43,30 @@ def test_step_time_prints_every_row_and_the_eval_table(capsys: pytest.CaptureFix
     assert [line.split("|")[1].strip() for line in lines[1:]] == rows
     evals = out.split("## eval throughput")[1].split("## targets")[0]
     assert all(f"| {name}" in evals for name in ("backbone", "lora", "lily-batch"))
-    assert "lily-batch step <= 1.05 x lora" in out
+    assert "lily-batch step <= 1.03 x lora" in out
+
+
+def test_quick_sets_defaults_that_explicit_flags_override() -> None:
+    quick = step_time.parse_args(["--quick"])
+    assert (quick.model, quick.img_size, quick.repeats, quick.memory_repeats) == (TINY[1], 32, 2, 0)
+    assert step_time.parse_args(["--quick", "--repeats", "5"]).repeats == 5
+    assert step_time.parse_args([]).model == "vit_base_patch16_224"
+
+
+def test_paired_ratios_cancel_a_drift_that_hits_both_rows() -> None:
+    # The machine slows down 3x over the run; within each repeat, b takes 1.1 x a.
+    times = {"a": [1.0, 2.0, 3.0], "b": [1.1, 2.2, 3.3]}
+    assert step_time.pair_ratios(times, "b", "a") == pytest.approx([1.1, 1.1, 1.1])
+    assert step_time.pair_ratios(times, "b", "missing") is None
+    assert step_time.quartiles([4.0, 1.0, 3.0, 2.0, 5.0]) == (2.0, 3.0, 4.0)
+
+
+def test_paired_rotates_the_order_of_the_rows() -> None:
+    order: list[str] = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    args = step_time.parse_args(["--warmup", "0", "--repeats", "3"])
+    times = step_time.paired(fns, args, log=lambda msg: None)
+    assert order == list("abcbcacab") and all(len(ts) == 3 for ts in times.values())
 
 
 def test_step_time_trainable_counts_are_the_adapters_plus_the_head() -> None:
@@ -66,13 +90,28 @@ def test_step_time_profile_prints_a_kernel_table(capsys: pytest.CaptureFixture[s
     assert "## profile of lily-token" in out and "aten::" in out
 
 
-def test_targets_say_met_or_not() -> None:
-    times = {"lora": [1.0], "lily-batch": [1.04, 1.2], "floor": [0.9]}
+def test_targets_say_met_or_not_from_paired_medians() -> None:
+    # Per-repeat ratios to lora: 1.02, 1.00, 1.10 -> median 1.02; to floor: 1.133, 1.111, 1.222 -> 1.133.
+    times = {"lora": [1.0, 2.0, 1.0], "lily-batch": [1.02, 2.0, 1.1], "floor": [0.9, 1.8, 0.9]}
     lines = step_time.format_targets(times, {"lora": 100.0, "lily-batch": 120.0})
-    assert "- lily-batch step <= 1.05 x lora: 1.040 -> met" in lines
-    assert "- lily-batch step <= 1.08 x floor: 1.156 -> NOT met" in lines
+    assert "- lily-batch step <= 1.03 x lora: 1.020 -> met" in lines
+    assert "- lily-batch step <= 1.08 x floor: 1.133 -> NOT met" in lines
     assert "- lily-batch peak <= 1.10 x lora peak: 1.200 -> NOT met" in lines
     assert not any("peft" in line for line in lines)  # rows that were not run are skipped
+
+
+def test_saved_tensors_attributes_lora_and_lily_inputs_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
+    # vit_tiny at 32 px, batch 2: 12 blocks, 2 x 5 tokens x 192 floats. q's LoRA A saves norm1's output
+    # once per block (v's A saves the same tensor: counted once); Lily's k LP likewise, and the mlp LP
+    # saves norm2's output.
+    args = step_time.parse_args(TINY)
+    per_block = 2 * 5 * 192 * 4
+    lora = saved_tensors.count("lora", args).by_module
+    assert lora["adapters.q.lora_a.*"] == 12 * per_block and "adapters.v.lora_a.*" not in lora
+    lily = saved_tensors.count("lily-batch", args).by_module
+    assert lily["adapters.k.lp.*"] == lily["adapters.mlp.lp.*"] == 12 * per_block
+    saved_tensors.main([*TINY, "--rows", "lora"])
+    assert "| adapters.q.lora_a.* |" in capsys.readouterr().out
 
 
 # --- params.py against hand-computed counts -------------------------------------------------------------
@@ -128,8 +167,17 @@ def test_params_table_prints_the_vit_b_figures_of_the_tests(capsys: pytest.Captu
 
 def test_eval_throughput_prints_every_row_and_the_merge_target(capsys: pytest.CaptureFixture[str]) -> None:
     eval_throughput = _load("eval_throughput")
-    best = eval_throughput.main([*TINY_RUN])
+    best = eval_throughput.main([*TINY, "--warmup", "1", "--repeats", "1", "--steps", "1"])
     out = capsys.readouterr().out
     assert list(best) == list(eval_throughput.ROWS) and all(v > 0 for v in best.values())
     assert all(f"| {row}" in out for row in eval_throughput.ROWS)
     assert "target merged-kv >= 0.98 x backbone images/s" in out
+
+
+def test_compile_adds_a_compiled_twin_of_every_row_without_compiling_the_eager_ones() -> None:
+    args = step_time.parse_args([*TINY, "--rows", "floor", "lora", "--compile"])
+    assert step_time.row_names(args) == ["floor", "lora", "floor+compiled", "lora+compiled"]
+    compiled, eager = step_time.build_row("lora+compiled", args), step_time.build_row("lora", args)
+    assert compiled.model._compiled_call_impl is not None and eager.model._compiled_call_impl is None
+    assert step_time.build_row("floor+compiled", args).model.blocks._compiled_call_impl is not None
+    assert compiled.trainable == eager.trainable

@@ -259,9 +259,9 @@ def test_training_order_depends_on_seed_and_epoch_only(tmp_path, monkeypatch):
 
 def test_drop_last_only_when_a_full_batch_remains(tmp_path):
     tiny_task(tmp_path, "dmlab", 6)  # 8 training images
-    assert vtab(tmp_path, "dmlab", batch_size=3).train_dataloader().drop_last
+    assert vtab(tmp_path, "dmlab", batch_size=3).train_dataloader().batch_sampler.drop_last
     small = vtab(tmp_path, "dmlab", batch_size=64).train_dataloader()
-    assert not small.drop_last and len(small) == 1
+    assert not small.batch_sampler.drop_last and len(small) == 1
 
 
 # ---- bad input ------------------------------------------------------------------------------------

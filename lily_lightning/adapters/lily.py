@@ -27,6 +27,44 @@ def mix_fixed(z: torch.Tensor, weights: torch.Tensor, hp: torch.Tensor) -> torch
     return z @ torch.tensordot(weights, hp, dims=1)
 
 
+class _ScaledMix(torch.autograd.Function):
+    """``scale * z @ sum_e w_e HP_e`` saving only ``z`` (which the router saves too), ``weights`` and ``hp``.
+
+    Plain autograd would also keep the scaled copy of ``z`` and the mixed (r, out) matrix. Backward
+    forms ``G = z^T grad`` (r, out) once: ``d hp_e = s w_e G``, ``d w_e = s <G, HP_e>``,
+    ``d z = s grad @ HP_mix^T``.
+    """
+
+    @staticmethod
+    def forward(z: torch.Tensor, weights: torch.Tensor, hp: torch.Tensor, scale: float) -> torch.Tensor:
+        return z @ (torch.tensordot(weights, hp, dims=1) * scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        z, weights, hp, scale = inputs
+        ctx.save_for_backward(z, weights, hp)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, weights, hp = ctx.saved_tensors
+        grad_z = grad_weights = grad_hp = None
+        if ctx.needs_input_grad[0]:
+            grad_z = grad @ (torch.tensordot(weights, hp, dims=1) * ctx.scale).T
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gram = z.reshape(-1, z.shape[-1]).T @ grad.reshape(-1, grad.shape[-1]) * ctx.scale  # (r, out)
+            if ctx.needs_input_grad[1]:
+                grad_weights = torch.tensordot(hp, gram, dims=([1, 2], [0, 1]))
+            if ctx.needs_input_grad[2]:
+                grad_hp = weights[:, None, None] * gram
+        return grad_z, grad_weights, grad_hp, None
+
+
+def scaled_mix(z: torch.Tensor, weights: torch.Tensor, hp: torch.Tensor, scale: float) -> torch.Tensor:
+    """``mix_fixed(z * scale, weights, hp)`` that keeps fewer tensors for backward (see ``_ScaledMix``)."""
+    return _ScaledMix.apply(z, weights, hp, scale)
+
+
 def mix_experts(z: torch.Tensor, probs: torch.Tensor, hp: torch.Tensor, routing: Routing) -> torch.Tensor:
     """``z @ HP_mix`` for each routing; ``z``: (B, ..., r), ``probs``: (B, ..., E), ``hp``: (E, r, out)."""
     num_experts, rank, out_features = hp.shape
@@ -34,9 +72,10 @@ def mix_experts(z: torch.Tensor, probs: torch.Tensor, hp: torch.Tensor, routing:
         # The paper: one mix for the whole batch, from the router's softmax averaged over batch and tokens.
         return mix_fixed(z, probs.reshape(-1, num_experts).mean(0), hp)
     if routing == "sample":
-        weights = probs.reshape(probs.shape[0], -1, num_experts).mean(1)  # (B, E)
+        tokens = math.prod(z.shape[1:-1])  # not -1 in reshape: a zero-size batch (DDP's ragged end) is valid
+        weights = probs.reshape(probs.shape[0], tokens, num_experts).mean(1)  # (B, E)
         hp_mix = torch.tensordot(weights, hp, dims=1)  # (B, r, out)
-        flat = z.reshape(z.shape[0], -1, rank)
+        flat = z.reshape(z.shape[0], tokens, rank)
         return torch.bmm(flat, hp_mix).reshape(*z.shape[:-1], out_features)
     # token: sum_e p_e (z @ HP_e) == (p outer z) @ [HP_1; ...; HP_E], one matmul over the concatenated
     # bank, so no (B, N, E, out) tensor is ever built; the largest intermediate is (B, N, E * r).
@@ -106,13 +145,13 @@ class LilyAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, block: int) -> torch.Tensor:
         z = self.act(self.lp[block // self.lp_stride](x))
-        # The mix is linear in z, so scale the rank-r z (after the router has seen it), not the wide delta.
+        # The mix is linear in z, so scale the rank-r z (or the (r, out) mixed bank), not the wide delta.
         fixed = self.fixed_mix(block)
         if fixed is not None:
-            return mix_fixed(z * self.scale, fixed, self.hp)
+            return scaled_mix(z, fixed, self.hp, self.scale)
         probs = F.softmax(self.router[block](z), dim=-1)
         if self.routing == "batch":
-            return mix_fixed(z * self.scale, self._batch_mix(probs, block), self.hp)
+            return scaled_mix(z, self._batch_mix(probs, block), self.hp, self.scale)
         return mix_experts(z * self.scale, probs, self.hp, self.routing)
 
     def _batch_mix(self, probs: torch.Tensor, block: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ def global_mean(rows: torch.Tensor, sync: bool) -> torch.Tensor:
     """
     if not (sync and is_distributed()):
         return rows.mean(0)
-    count = rows.new_full((1,), rows.shape[0])
-    totals = all_reduce(torch.cat([rows.sum(0), count]))
-    return totals[:-1] / totals[-1]
+    # In float32 whatever the autocast dtype: bfloat16 counts exactly only up to 256 rows (B x tokens).
+    count = rows.new_full((1,), rows.shape[0], dtype=torch.float32)
+    totals = all_reduce(torch.cat([rows.float().sum(0), count]))
+    return (totals[:-1] / totals[-1]).to(rows.dtype)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -10,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lily_lightning.data.images import collate_images
-from lily_lightning.data.sampling import EpochShuffleSampler
+from lily_lightning.data.sampling import EpochShuffleSampler, GlobalBatchSampler, process_group
+from lily_lightning.errors import UsageError
 
 Role = Literal["train", "val", "test"]
 
@@ -35,6 +38,13 @@ class SplitDataModule(L.LightningDataModule, ABC):
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int):
         super().__init__()
+        for name, value, least in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < least:
+                raise UsageError(f"data.{name} must be at least {least}, got {value}.")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -61,15 +71,15 @@ class SplitDataModule(L.LightningDataModule, ABC):
             self.dataset(role)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        """``batch_size`` images per process and step; under DDP each global batch is shared out."""
+        order = EpochShuffleSampler(len(dataset), self._current_epoch) if shuffle else range(len(dataset))
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self._current_epoch) if shuffle else None,
-            drop_last=drop_last,
+            batch_sampler=GlobalBatchSampler(order, batch_size, drop_last),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            collate_fn=collate_images,
+            collate_fn=partial(collate_images, dataset=dataset),
         )
 
     def _current_epoch(self) -> int:
@@ -77,8 +87,12 @@ class SplitDataModule(L.LightningDataModule, ABC):
 
     def train_dataloader(self) -> DataLoader:
         train = self.dataset("train")
+        world = process_group()[1]
+        if len(train) < world:
+            raise UsageError(f"{len(train)} training images cannot feed {world} processes; use fewer devices")
         # Drop the ragged last batch like the official Lily code, but never all of a small custom train set.
-        return self._loader(train, self.batch_size, shuffle=True, drop_last=len(train) >= self.batch_size)
+        global_batch = self.batch_size * world
+        return self._loader(train, self.batch_size, shuffle=True, drop_last=len(train) >= global_batch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False, drop_last=False)
@@ -88,3 +102,12 @@ class SplitDataModule(L.LightningDataModule, ABC):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    @property
+    @abstractmethod
+    def data_folder(self) -> Path:
+        """The folder the split files name images relative to (the task folder)."""
+
+    def image_files(self, role: Role) -> list[str]:
+        """The images ``role`` reads, in loader order, as paths relative to :attr:`data_folder`."""
+        return [r.path.relative_to(self.data_folder).as_posix() for r in self.dataset(role).records]

@@ -22,12 +22,17 @@ from lily_lightning.data.records import (
     labels_out_of_range,
     missing_images,
     read_json_split,
-    read_list_file,
 )
 from lily_lightning.data.tasks import FGVCTask, VTABTask, fgvc_task, vtab_task
-from lily_lightning.data.vtab1k import VTAB_LAYOUT, VTAB_SPLITS, locate_vtab_task
+from lily_lightning.data.vtab1k import (
+    VTAB_LAYOUT,
+    VTAB_SPLITS,
+    locate_vtab_task,
+    read_vtab_split,
+    required_splits,
+)
 from lily_lightning.errors import UsageError
-from lily_lightning.paths import resolve_path
+from lily_lightning.paths import resolve_path, shown_path
 
 _STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "absent": "dim"}
 
@@ -90,8 +95,8 @@ def _check_vtab(folder: Path, task: VTABTask | None) -> tuple[list[SplitReport],
     reports = []
     for split in VTAB_SPLITS:
         report = SplitReport(split, expected=expected.get(split), strict=split != "test")
-        try:
-            report.records = read_list_file(folder / f"{split}.txt", folder)
+        try:  # the reader `fit` uses: a missing, malformed or empty list file fails both
+            report.records = read_vtab_split(folder, split)
         except UsageError as err:
             report.error = str(err).strip()
         reports.append(report)
@@ -101,8 +106,10 @@ def _check_vtab(folder: Path, task: VTABTask | None) -> tuple[list[SplitReport],
         labels = [r.label for report in reports for r in report.records]
         num_classes = max(labels, default=-1) + 1
         note = f"custom task, {num_classes} classes inferred from the labels"
-        for report in reports:  # a custom task needs only the split files of the split_mode it is used with
-            if report.error and not (folder / f"{report.split}.txt").is_file():
+        for report in reports:
+            # A custom task may leave out the split files the default split_mode does not read.
+            optional = report.split not in required_splits()
+            if optional and report.error and not (folder / f"{report.split}.txt").is_file():
                 report.error, report.absent = None, True
     for report in reports:
         report.out_of_range = labels_out_of_range(report.records, num_classes)
@@ -213,7 +220,7 @@ def check_tree(root: str | Path, name: str | None = None, console: Console | Non
     console = console or Console()
     root = resolve_path(root)
     if not root.is_dir():
-        raise UsageError(f"{root} does not exist.\n\n{VTAB_LAYOUT}\n\n{FGVC_LAYOUT}")
+        raise UsageError(f"{shown_path(root)} does not exist.\n\n{VTAB_LAYOUT}\n\n{FGVC_LAYOUT}")
     failed = []
     targets = _find_targets(root, name)
     for target in targets:

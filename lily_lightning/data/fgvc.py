@@ -14,7 +14,7 @@ from lily_lightning.data.records import ImageRecord, read_json_split, validate
 from lily_lightning.data.tasks import FGVC_TASKS, FGVCTask, require_fgvc_task
 from lily_lightning.data.transforms import fgvc_eval_transform, fgvc_train_transform
 from lily_lightning.errors import UsageError
-from lily_lightning.paths import resolve_path
+from lily_lightning.paths import resolve_path, shown_path
 
 FGVC_SPLITS: tuple[str, ...] = ("train", "val", "test")
 FGVC_SOURCE = (
@@ -41,7 +41,7 @@ def locate_fgvc_dataset(root: str | Path, task: FGVCTask) -> Path:
     """The dataset folder: ``root/<VPT folder>``, ``root/<name>``, or ``root`` itself if it holds the json."""
     root = resolve_path(root)
     if not root.is_dir():
-        raise UsageError(f"FGVC root folder {root} does not exist.\n{FGVC_LAYOUT}")
+        raise UsageError(f"FGVC root folder {shown_path(root)} does not exist.\n{FGVC_LAYOUT}")
     for folder in (root / task.folder, root / task.name, root):
         if (folder / "train.json").is_file():
             return folder
@@ -112,6 +112,10 @@ class FGVCDataModule(SplitDataModule):
 
     def role_splits(self) -> dict[Role, tuple[str, ...]]:
         return _ROLE_SPLITS[self.split_mode]
+
+    @property
+    def data_folder(self) -> Path:
+        return self.dataset_dir
 
     def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
         if self._splits is None:  # all three json files are needed for the class-id mapping

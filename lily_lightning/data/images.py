@@ -42,8 +42,17 @@ def decode_threads() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def collate_images(batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack uint8 samples and convert once per batch: float32 ``(B, 3, H, W)`` in [0, 1], int64 labels."""
+def collate_images(
+    batch: Sequence[Sample], dataset: Dataset[Sample] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack uint8 samples and convert once per batch: float32 ``(B, 3, H, W)`` in [0, 1], int64 labels.
+
+    An empty ``batch`` (a process's share of a ragged last batch under DDP, see ``GlobalBatchSampler``)
+    becomes a zero-size batch shaped like ``dataset``'s images, so the model still runs (and joins its
+    collectives).
+    """
+    if not batch and dataset is not None:
+        return torch.zeros((0, *dataset[0][0].shape)), torch.zeros(0, dtype=torch.int64)
     images, labels = default_collate(batch)
     return images.float().div_(255), labels
 

@@ -94,11 +94,16 @@ def describe(records: Sequence[ImageRecord], what: str) -> str:
     return f"{what} ({len(records)}):\n{shown}{more}"
 
 
-def validate(records: Sequence[ImageRecord], num_classes: int, hint: str) -> None:
-    """Raise a UsageError when a label is outside [0, num_classes) or an image file is missing."""
+def validate(
+    records: Sequence[ImageRecord], num_classes: int, hint: str, label_hint: str | None = None
+) -> None:
+    """Raise a UsageError when a label is outside [0, num_classes) or an image file is missing.
+
+    ``label_hint`` replaces ``hint`` for bad labels (when num_classes, not the files, may be what is wrong).
+    """
     bad = labels_out_of_range(records, num_classes)
     if bad:
-        raise UsageError(f"{describe(bad, f'labels outside [0, {num_classes})')}\n{hint}")
+        raise UsageError(f"{describe(bad, f'labels outside [0, {num_classes})')}\n{label_hint or hint}")
     absent = missing_images(records)
     if absent:
         raise UsageError(f"{describe(absent, 'images listed but not found')}\n{hint}")

@@ -14,7 +14,7 @@ from lily_lightning.data.records import ImageRecord, read_list_file, validate
 from lily_lightning.data.tasks import VTABTask, vtab_names_help, vtab_task
 from lily_lightning.data.transforms import vtab_transform
 from lily_lightning.errors import UsageError
-from lily_lightning.paths import resolve_path
+from lily_lightning.paths import resolve_path, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def locate_vtab_task(root: str | Path, name: str) -> tuple[VTABTask | None, Path
     """The task (None for a custom one) and its folder under ``root``; a UsageError says what is missing."""
     root = resolve_path(root)
     if not root.is_dir():
-        raise UsageError(f"VTAB-1k root folder {root} does not exist.\n{VTAB_LAYOUT}")
+        raise UsageError(f"VTAB-1k root folder {shown_path(root)} does not exist.\n{VTAB_LAYOUT}")
     task = vtab_task(name)
     candidates = list(dict.fromkeys([name, *((task.name, *task.aliases) if task else ())]))
     for candidate in candidates:
@@ -60,6 +60,19 @@ def locate_vtab_task(root: str | Path, name: str) -> tuple[VTABTask | None, Path
         f"({root} contains: {contents}).\nThe 19 tasks:\n{vtab_names_help()}\n"
         f"To train on your own images, create {root / name} in the same layout.\n{VTAB_LAYOUT}"
     )
+
+
+def required_splits(split_mode: SplitMode = "train800val200") -> tuple[str, ...]:
+    """The split files a run in ``split_mode`` reads (`fit` needs all of them; `data check` too)."""
+    return tuple(sorted({split for splits in _ROLE_SPLITS[split_mode].values() for split in splits}))
+
+
+def read_vtab_split(task_dir: Path, split: str, hint: str = "") -> list[ImageRecord]:
+    """One split's records; a missing, malformed or empty list file is a UsageError (fit and data check)."""
+    records = read_list_file(task_dir / f"{split}.txt", task_dir, hint)
+    if not records:
+        raise UsageError(f"{task_dir / f'{split}.txt'} lists no images.\n{hint}")
+    return records
 
 
 class VTAB1kDataModule(SplitDataModule):
@@ -103,6 +116,7 @@ class VTAB1kDataModule(SplitDataModule):
         known, self.task_dir = locate_vtab_task(root, name)
         self.task: str = known.name if known else self.task_dir.name
         self.group: str | None = known.group if known else None
+        self.given_num_classes = num_classes
         self.num_classes: int = self._num_classes(known, num_classes)
 
     def _num_classes(self, known: VTABTask | None, given: int | None) -> int:
@@ -118,35 +132,56 @@ class VTAB1kDataModule(SplitDataModule):
         if given is not None:
             return given
         # A custom task: the list files are cheap to read, the images are not touched here.
-        splits = sorted({s for splits in _ROLE_SPLITS[self.split_mode].values() for s in splits})
-        labels = [r.label for r in self._records(tuple(splits))]
-        inferred = max(labels) + 1
-        log.info(
-            "Task %r is not one of the 19 VTAB-1k tasks: num_classes=%d inferred from the largest label "
-            "in %s. Pass num_classes to set it explicitly.",
-            self.task,
-            inferred,
-            ", ".join(f"{s}.txt" for s in splits),
-        )
+        splits = required_splits(self.split_mode)
+        labels = sorted({r.label for r in self._records(splits)})
+        inferred = labels[-1] + 1
+        files = ", ".join(f"{s}.txt" for s in splits)
+        shown = ", ".join(map(str, labels[:20])) + (", ..." if len(labels) > 20 else "")
+        if labels != list(range(inferred)):
+            # A typo ("9" for "3") would otherwise silently add empty classes to the head.
+            log.warning(
+                "Custom task %r: num_classes=%d inferred from the largest label in %s, but the labels seen "
+                "are not 0..%d: %s (%d distinct). Fix the list files, or pass data.num_classes to confirm.",
+                self.task,
+                inferred,
+                files,
+                inferred - 1,
+                shown,
+                len(labels),
+            )
+        else:
+            log.info(
+                "Custom task %r: num_classes=%d inferred from the largest label in %s (labels seen: %s). "
+                "Pass data.num_classes to set it explicitly.",
+                self.task,
+                inferred,
+                files,
+                shown,
+            )
         return inferred
 
     def _hint(self) -> str:
         return f"Fix or re-download the task folder {self.task_dir}.\n{VTAB_LAYOUT}"
 
     def _records(self, splits: tuple[str, ...]) -> list[ImageRecord]:
-        records = []
-        for split in splits:
-            records += read_list_file(self.task_dir / f"{split}.txt", self.task_dir, self._hint())
-        if not records:
-            raise UsageError(f"{', '.join(f'{s}.txt' for s in splits)} in {self.task_dir} list no images.")
-        return records
+        return [record for split in splits for record in read_vtab_split(self.task_dir, split, self._hint())]
 
     def role_splits(self) -> dict[Role, tuple[str, ...]]:
         return _ROLE_SPLITS[self.split_mode]
 
+    @property
+    def data_folder(self) -> Path:
+        return self.task_dir
+
     def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
         records = self._records(splits)
-        validate(records, self.num_classes, self._hint())
+        label_hint = None
+        if self.given_num_classes is not None:
+            label_hint = (
+                f"data.num_classes={self.given_num_classes} was given for the custom task {self.task!r}: set "
+                "it to cover every label, or leave it out to infer it from the labels."
+            )
+        validate(records, self.num_classes, self._hint(), label_hint)
         transform = vtab_transform(self.image_size)
         if self.cache_images and _CACHED_SPLITS.issuperset(splits):
             return CachedImageDataset(records, transform, f"{self.task}/{'+'.join(splits)}")
