@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EvalRouting, LilyConfig, Routing
-from .sync import global_mean
+from .sync import global_mean, is_distributed
 
 
 def mix_fixed(z: torch.Tensor, weights: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
@@ -157,7 +157,8 @@ class LilyAdapter(nn.Module):
     def _batch_mix(self, probs: torch.Tensor, block: int) -> torch.Tensor:
         """The paper's mix: the softmax averaged over batch and tokens (over every rank's with sync)."""
         mix = global_mean(probs.reshape(-1, probs.shape[-1]), self.sync_routing)
-        if self.training:
+        # An empty local batch (a ragged DDP end) has a NaN mix unless it was averaged over the ranks.
+        if self.training and (probs.numel() > 0 or (self.sync_routing and is_distributed())):
             with torch.no_grad():
                 self.running_mix[block].lerp_(mix, self.running_momentum)
         return mix
