@@ -1,8 +1,8 @@
 """Trainable adapter parameters of LoRA and Lily on timm ViTs, in millions, head excluded (as papers report).
 
 Every count comes from injecting the adapters into the real timm model, built on the meta device (no memory,
-no weights) and counted with ``lily_lightning.count_parameters`` (each shared Lily tensor once). Accuracy is
-not measured here, only cost.
+no weights): ``lily_lightning.state.count_backbone_parameters`` (each shared Lily tensor once, as
+``count_parameters``). Accuracy is not measured here, only cost.
 
     python benchmarks/params.py
     python benchmarks/params.py --models vit_base_patch16_224 --lily-ranks 16 32 --lily-experts 2 4 6
@@ -14,29 +14,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import timm
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lily_lightning import LilyConfig, LoRAConfig, count_parameters, inject
+from lily_lightning import LilyConfig, LoRAConfig
+from lily_lightning.state import count_backbone_parameters
 
 MODELS = {
     "vit_small_patch16_224": "ViT-S/16",
     "vit_base_patch16_224": "ViT-B/16",
     "vit_large_patch16_224": "ViT-L/16",
 }
-
-
-def count(model_name: str, config: LilyConfig | LoRAConfig | None) -> int:
-    """Trainable parameters of ``config`` on ``model_name``, head excluded; ``None``: full fine-tuning."""
-    with torch.device("meta"):
-        model = timm.create_model(model_name, pretrained=False)
-    if config is None:
-        return sum(p.numel() for p in model.parameters()) - sum(
-            p.numel() for p in model.get_classifier().parameters()
-        )
-    return count_parameters(inject(model, config))
 
 
 def configs(args: argparse.Namespace) -> list[tuple[str, LilyConfig | LoRAConfig | None]]:
@@ -57,7 +44,11 @@ def configs(args: argparse.Namespace) -> list[tuple[str, LilyConfig | LoRAConfig
 def table(args: argparse.Namespace) -> tuple[list[str], dict[tuple[str, str], int]]:
     """The markdown table lines and the raw counts keyed by (row label, model name)."""
     rows = configs(args)
-    counts = {(label, model): count(model, config) for label, config in rows for model in args.models}
+    counts = {
+        (label, model): count_backbone_parameters(model, config)
+        for label, config in rows
+        for model in args.models
+    }
     width = max(len(label) for label, _ in rows)
     names = [MODELS.get(m, m) for m in args.models]
     lines = [

@@ -1,4 +1,5 @@
-"""``python -m lily_lightning``: LightningCLI for fit/validate/test/predict, and prepare, data, export.
+"""``python -m lily_lightning``: LightningCLI for fit/validate/test/predict, plus ``prepare``, ``data``,
+``sweep``, ``report`` and ``export``.
 
 The Lightning subcommands take YAML configs (``--config``, layered left to right) and overrides such as
 ``--data.name dtd --model.lily.rank 16``; ``data.num_classes`` is linked into the model.
@@ -41,6 +42,8 @@ from .progress import PlainProgress
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
        python -m lily_lightning data check --root ROOT [--name TASK]
+       python -m lily_lightning sweep --config CONFIG.yaml --tasks vtab|fgvc|TASK... [--methods lily lora]
+       python -m lily_lightning report RUNS_DIR [--out DIR]
        python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"""
 
 
@@ -184,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             from .data.check import main as data_check_main
 
             return data_check_main(args[2:])
+        if args[:1] == ["sweep"]:
+            from .sweep import main as sweep_main
+
+            return sweep_main(args[1:])
+        if args[:1] == ["report"]:
+            from .report import main as report_main
+
+            return report_main(args[1:])
         check_config_files(args)
         if args[:1] == ["export"]:
             from .export import main as export_main

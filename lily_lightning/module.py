@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -18,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .adapters import LilyConfig, LoRAConfig
 from .errors import UsageError
 from .inject import ADAPTERS_ATTR, inject
+from .results import write_result
 from .schedule import warmup_cosine_lr
 from .seeding import epoch_seed, run_seed
 from .state import count_parameters
@@ -247,6 +249,22 @@ class ViTClassifier(L.LightningModule):
             f"images={images}",
             flush=True,
         )
+        # The same numbers for `python -m lily_lightning report` (and `sweep`, which skips finished runs),
+        # plus the head's size so tables can count parameters without the head, as papers do.
+        result = {
+            "task": task,
+            "method": self.method,
+            "backbone": self.hparams.backbone,
+            "trainable_params": self.trainable_parameters,
+            "adapter_params": self.adapter_parameters,
+            "head_params": sum(p.numel() for p in self.model.get_classifier().parameters()),
+            "top1": reported,
+            "report": self.report,
+            "final": final,
+            "best_of_evals": best,
+            "images": images,
+        }
+        write_result(Path(self.trainer.default_root_dir), result)
 
     # -- optimisation ----------------------------------------------------------------------------------
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import timm
 import torch
 from torch import nn
 
-from .inject import ADAPTERS_ATTR
+from .adapters import AdapterConfig
+from .inject import ADAPTERS_ATTR, inject
 
 
 def _adapters(model: nn.Module) -> nn.Module:
@@ -57,3 +59,17 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 def count_parameters(model: nn.Module) -> int:
     """Trainable adapter parameters, each shared tensor counted once (the head is not included)."""
     return sum(p.numel() for p in _adapters(model).parameters() if p.requires_grad)
+
+
+def count_backbone_parameters(backbone: str, config: AdapterConfig | None) -> int:
+    """Trainable parameters of ``config`` injected into timm's ``backbone``, head excluded.
+
+    The model is built on the meta device (no memory, no weights). ``None`` means full fine-tuning: every
+    backbone parameter but the classifier's.
+    """
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False)
+    if config is None:
+        head = sum(p.numel() for p in model.get_classifier().parameters())
+        return sum(p.numel() for p in model.parameters()) - head
+    return count_parameters(inject(model, config))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lily_lightning.state import count_backbone_parameters
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -139,14 +141,14 @@ def _lily_by_hand(dim: int, depth: int, rank: int, experts: int) -> int:
 @pytest.mark.parametrize("model", VITS)
 @pytest.mark.parametrize("rank", [4, 8, 16])
 def test_params_lora_matches_hand_count(model: str, rank: int) -> None:
-    assert params.count(model, params.LoRAConfig(rank=rank)) == _lora_by_hand(*VITS[model], rank)
+    assert count_backbone_parameters(model, params.LoRAConfig(rank=rank)) == _lora_by_hand(*VITS[model], rank)
 
 
 @pytest.mark.parametrize("model", VITS)
 @pytest.mark.parametrize(("rank", "experts"), [(8, 2), (16, 4), (32, 4), (32, 6)])
 def test_params_lily_matches_hand_count(model: str, rank: int, experts: int) -> None:
     config = params.LilyConfig(rank=rank, num_experts=experts)
-    assert params.count(model, config) == _lily_by_hand(*VITS[model], rank, experts)
+    assert count_backbone_parameters(model, config) == _lily_by_hand(*VITS[model], rank, experts)
 
 
 def test_params_table_prints_the_vit_b_figures_of_the_tests(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom (as a user would run them in Jupyter)."""
+"""The notebooks run top to bottom (as a user would run them in Jupyter) and write their figures."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        notebook, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     errors = [
         o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"
     ]
     assert not errors
+    # every figure is also written as a PNG: under figures/, or report/ for the sweep's report (the generated
+    # data sets are PNGs too, elsewhere)
+    pngs = sorted(png for folder in ("figures", "report") for png in (tmp_path / folder).glob("*.png"))
+    assert pngs, "the notebook wrote no PNG"
+    assert all(png.stat().st_size > 5_000 for png in pngs), [(p.name, p.stat().st_size) for p in pngs]

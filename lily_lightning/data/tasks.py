@@ -147,3 +147,10 @@ def vtab_group_means(accuracy: Mapping[str, float]) -> dict[str, float]:
         means["group_mean"] = sum(means.values()) / len(VTAB_GROUPS)
         means["task_mean"] = sum(accuracy.values()) / len(accuracy)
     return means
+
+
+def benchmark_task(name: str) -> VTABTask | FGVCTask | None:
+    """The VTAB-1k or FGVC task called ``name``, or None; an exact canonical name wins over an alias (FGVC's
+    ``oxford_flowers`` is also an alias of VTAB's ``oxford_flowers102``)."""
+    exact = VTAB_TASKS.get(name) or FGVC_TASKS.get(name)
+    return exact or vtab_task(name) or fgvc_task(name)
