@@ -4,6 +4,7 @@ from .adapters import LilyConfig, LoRAConfig
 from .data import FGVCDataModule, VTAB1kDataModule
 from .errors import UsageError
 from .inject import inject
+from .merge import merge, unmerge
 from .module import ViTClassifier
 from .state import adapter_state_dict, count_parameters, load_adapter_state_dict
 
@@ -18,4 +19,6 @@ __all__ = [
     "count_parameters",
     "inject",
     "load_adapter_state_dict",
+    "merge",
+    "unmerge",
 ]

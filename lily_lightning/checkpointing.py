@@ -31,6 +31,8 @@ EVALUATING = ("validate", "test", "predict")
 # Settings that fix the shapes of the trainable tensors: a checkpoint only fits a model built with the same.
 _SHAPE_SETTINGS = ("backbone", "method", "num_classes", "img_size")
 _ADAPTER_SETTINGS = {"lily": "lily", "lora": "lora"}  # method -> the config whose fields shape its adapters
+# Adapter fields that only say how a trained model evaluates: a test command may set them (see cli.py).
+_EVAL_ONLY_SETTINGS = frozenset({"lily.eval_routing"})
 # What torch.load raises for a file that is not a (complete) torch checkpoint.
 _UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, OSError)
 
@@ -211,7 +213,7 @@ def mismatched_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
     current_flat = _flat({k: current[k] for k in keys if k in current})
     return [
         f"model.{key}: checkpoint has {saved_flat[key]}, config says {current_flat[key]}"
-        for key in sorted(saved_flat.keys() & current_flat.keys())
+        for key in sorted(saved_flat.keys() & current_flat.keys() - _EVAL_ONLY_SETTINGS)
         if saved_flat[key] != current_flat[key]
     ]
 

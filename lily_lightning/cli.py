@@ -1,5 +1,5 @@
 """``python -m lily_lightning``: LightningCLI for fit/validate/test/predict, plus ``prepare``, ``data``,
-``sweep`` and ``report``.
+``sweep``, ``report`` and ``export``.
 
 The Lightning subcommands take YAML configs (``--config``, layered left to right) and overrides such as
 ``--data.name dtd --model.lily.rank 16``; ``data.num_classes`` is linked into the model.
@@ -43,7 +43,8 @@ USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config 
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
        python -m lily_lightning data check --root ROOT [--name TASK]
        python -m lily_lightning sweep --config CONFIG.yaml --tasks vtab|fgvc|TASK... [--methods lily lora]
-       python -m lily_lightning report RUNS_DIR [--out DIR]"""
+       python -m lily_lightning report RUNS_DIR [--out DIR]
+       python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"""
 
 
 class LilyCLI(LightningCLI):
@@ -66,8 +67,12 @@ class LilyCLI(LightningCLI):
         # Lightning's padding sampler, so N processes see the batches of one and evaluate each image once.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        # `main` passes the arguments it dispatched on (`export` rewrites them), so Lightning's warning about
+        # args next to sys.argv does not apply.
+        self.config = parser.parse_args(args)
+        # What the command line and its config files set, defaults left out (see _parse_ckpt_path).
+        self.explicit_config = parser.parse_args(args, defaults=False)
         # LightningCLI loads an explicit --ckpt_path right after parsing, for its hyper-parameters: read it
         # first, so a missing or damaged file is one message rather than a stack trace.
         subcommand = self.config.get("subcommand")
@@ -76,6 +81,15 @@ class LilyCLI(LightningCLI):
             path = checkpoint_file(ckpt_path)
             read_checkpoint(path)
             self.config[subcommand]["ckpt_path"] = str(path)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning rebuilds the model from the checkpoint's hyper-parameters, over the command line. How a
+        # trained model evaluates is no part of what it learnt: an eval_routing the command sets wins.
+        super()._parse_ckpt_path()
+        key = f"{self.config.get('subcommand')}.model.lily.eval_routing"
+        eval_routing = self.explicit_config.get(key)
+        if eval_routing is not None:
+            self.config[key] = eval_routing
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -138,8 +152,8 @@ def progress_callback(run_dir: Path) -> ProgressBar:
     return PlainProgress(log_file=run_dir / "train.log")
 
 
-def run_lightning(args: list[str] | None) -> None:
-    LilyCLI(
+def run_lightning(args: list[str] | None, cli: type[LilyCLI] = LilyCLI) -> LilyCLI:
+    return cli(
         ViTClassifier,
         subclass_mode_model=False,
         subclass_mode_data=True,
@@ -182,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return report_main(args[1:])
         check_config_files(args)
+        if args[:1] == ["export"]:
+            from .export import main as export_main
+
+            return export_main(args[1:])
         # LightningCLI reads sys.argv itself when called from the command line.
         run_lightning(None if argv is None else args)
     except KeyboardInterrupt:

@@ -71,8 +71,43 @@ class AdaptedSite(nn.Module):
             out = out + torch.cat([thirds.get(i, zeros) for i in range(3)], dim=-1)
         return out
 
+    @property
+    def linear(self) -> nn.Linear | None:
+        """The wrapped timm Linear a linear delta can be folded into; None for the whole-MLP site."""
+        return self.base if isinstance(self.base, nn.Linear) else None
+
+    def adapter(self, branch: _Branch) -> nn.Module:
+        """The (shared) adapter that computes ``branch``'s delta."""
+        return self._adapters[0][branch.site]
+
     def extra_repr(self) -> str:
         return "sites=" + ",".join(f"{b.site}@{b.block}" for b in self.branches)
+
+
+def adapted_sites(model: nn.Module) -> list[AdaptedSite]:
+    """Every wrapped timm module in ``model``."""
+    return [m for m in model.modules() if isinstance(m, AdaptedSite)]
+
+
+def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The injected ViT's own tensors under timm's names: adapters left out, the wrappers' ``.base`` undone.
+
+    ``blocks.0.mlp.base.fc1.base.weight`` (fc1 wrapped inside the wrapped MLP) -> ``blocks.0.mlp.fc1.weight``.
+    """
+    # Innermost wrappers first: their names contain the outer wrappers' ``.base``.
+    wrappers = sorted(
+        (name for name, m in model.named_modules() if isinstance(m, AdaptedSite)), key=len, reverse=True
+    )
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith(f"{ADAPTERS_ATTR}."):
+            continue
+        for name in wrappers:
+            wrapped = f"{name}.base."
+            if key.startswith(wrapped):
+                key = f"{name}.{key[len(wrapped) :]}"
+        state[key] = tensor
+    return state
 
 
 def _site_features(block: nn.Module, site: str) -> tuple[int, int]:

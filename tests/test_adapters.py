@@ -263,3 +263,12 @@ def test_batch_routing_saves_only_the_input_and_rank_sized_tensors() -> None:
         adapter(x, 0)
     floats = 3 * 5 * 16 + 3 * 5 * 4 + 3 * 5 * 2 + 2  # x, z, softmax, mix
     assert sum(saved.values()) == 4 * floats
+
+
+def test_an_empty_training_batch_leaves_the_running_mix_alone() -> None:
+    adapter = LilyAdapter(
+        3, 3, depth=1, rank=2, num_experts=2, lp_stride=1, scale=1.0, routing="batch", nonlinear=False
+    )
+    adapter.train()
+    assert adapter(torch.zeros(0, 5, 3), 0).shape == (0, 5, 3)
+    assert torch.equal(adapter.running_mix, torch.full((1, 2), 0.5))  # not NaN: no image, no update

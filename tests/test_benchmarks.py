@@ -167,6 +167,15 @@ def test_params_table_prints_the_vit_b_figures_of_the_tests(capsys: pytest.Captu
     assert rows["full fine-tuning"] == "85.799"  # 86,567,656 minus the 1000-class head's 769,000
 
 
+def test_eval_throughput_prints_every_row_and_the_merge_target(capsys: pytest.CaptureFixture[str]) -> None:
+    eval_throughput = _load("eval_throughput")
+    best = eval_throughput.main([*TINY, "--warmup", "1", "--repeats", "1", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert list(best) == list(eval_throughput.ROWS) and all(v > 0 for v in best.values())
+    assert all(f"| {row}" in out for row in eval_throughput.ROWS)
+    assert "target merged-kv >= 0.98 x backbone images/s" in out
+
+
 def test_compile_adds_a_compiled_twin_of_every_row_without_compiling_the_eager_ones() -> None:
     args = step_time.parse_args([*TINY, "--rows", "floor", "lora", "--compile"])
     assert step_time.row_names(args) == ["floor", "lora", "floor+compiled", "lora+compiled"]

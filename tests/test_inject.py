@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tiny_vits import VARIANTS, tiny_vit
 
 from lily_lightning import LilyConfig, LoRAConfig, count_parameters, inject
+from lily_lightning.inject import timm_state_dict
 
 
 def randomise_adapters(model: torch.nn.Module, seed: int = 1) -> None:
@@ -25,6 +26,8 @@ def lily_delta(h, lp_w, router_w, hps, routing, relu):
     z = h @ lp_w.T
     if relu:
         z = torch.relu(z)
+    if router_w is None:  # no router: every given expert at full weight
+        return sum(z @ hp for hp in hps)
     p = torch.softmax(z @ router_w.T, dim=-1)  # (B, N, E)
     if routing == "batch":
         w = p.mean(dim=(0, 1)).expand_as(p)
@@ -44,7 +47,8 @@ def reference_forward(model, x, hp_per_block=None, routing="batch", stride=1):
 
     def delta(site, i, h):
         hps = hp_per_block[site][i] if hp_per_block else list(ad[site].hp)
-        lp_w, router_w = ad[site].lp[i // stride].weight, ad[site].router[i].weight
+        lp_w = ad[site].lp[i // stride].weight
+        router_w = ad[site].router[i].weight if len(ad[site].router) else None
         return lily_delta(h, lp_w, router_w, hps, routing, relu=site == "mlp")
 
     x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
@@ -205,3 +209,15 @@ def test_unsupported_block_names_the_missing_module() -> None:
     model.blocks[1].attn.qkv = torch.nn.Identity()
     with pytest.raises(ValueError, match=r"block 1 .* no plain `attn.qkv`"):
         inject(model, LilyConfig(rank=2))
+
+
+def test_timm_state_dict_has_timm_names_even_for_nested_wrappers() -> None:
+    backbone = tiny_vit()
+    model = inject(
+        copy.deepcopy(backbone), LilyConfig(rank=2, targets=("q", "v", "proj", "fc1", "fc2", "mlp"))
+    )
+    assert "blocks.0.mlp.base.fc1.base.weight" in model.state_dict()  # fc1 wrapped inside the wrapped MLP
+    state = timm_state_dict(model)
+    expected = backbone.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)

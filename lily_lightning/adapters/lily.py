@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EvalRouting, LilyConfig, Routing
-from .sync import global_mean
+from .sync import global_mean, is_distributed
 
 
 def mix_fixed(z: torch.Tensor, weights: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
@@ -131,9 +131,15 @@ class LilyAdapter(nn.Module):
 
         Uniform routing always; batch routing in eval mode with ``eval_routing="running"``.
         """
+        if self.training and self.routing != "uniform":
+            return None
+        return self.eval_mix(block)
+
+    def eval_mix(self, block: int) -> torch.Tensor | None:
+        """The expert weights (E,) ``block`` uses in eval mode if they are input-independent, else None."""
         if self.routing == "uniform":
             return self.hp.new_full((self.hp.shape[0],), 1.0 / self.hp.shape[0])
-        if self.routing == "batch" and self.eval_routing == "running" and not self.training:
+        if self.routing == "batch" and self.eval_routing == "running":
             return self.running_mix[block]
         return None
 
@@ -151,7 +157,8 @@ class LilyAdapter(nn.Module):
     def _batch_mix(self, probs: torch.Tensor, block: int) -> torch.Tensor:
         """The paper's mix: the softmax averaged over batch and tokens (over every rank's with sync)."""
         mix = global_mean(probs.reshape(-1, probs.shape[-1]), self.sync_routing)
-        if self.training:
+        # An empty local batch (a ragged DDP end) has a NaN mix unless it was averaged over the ranks.
+        if self.training and (probs.numel() > 0 or (self.sync_routing and is_distributed())):
             with torch.no_grad():
                 self.running_mix[block].lerp_(mix, self.running_momentum)
         return mix
