@@ -22,7 +22,7 @@ from .inject import ADAPTERS_ATTR, inject
 from .results import write_result
 from .schedule import warmup_cosine_lr
 from .seeding import epoch_seed, run_seed
-from .state import count_parameters
+from .state import count_parameters, state_problems
 from .weights import load_backbone_weights
 
 Method = Literal["lily", "lora", "linear_probe", "full"]
@@ -312,23 +312,15 @@ class ViTClassifier(L.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        missing = sorted(self._saved_keys() - set(state))
         current = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        mis_shaped = [
-            f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
-            for k, v in state.items()
-            if k in current and v.shape != current[k].shape
-        ]
-        problems = []
-        if missing:
-            problems.append(f"lacks {len(missing)} tensors of this model (e.g. {missing[:3]})")
-        if mis_shaped:
-            problems.append(f"has {len(mis_shaped)} tensors of another shape (e.g. {mis_shaped[:2]})")
+        expected = {k: current[k] for k in self._saved_keys()}
+        # Frozen backbone tensors are not in an adapter-only checkpoint, so names we do not save are allowed.
+        given = {k: v for k, v in checkpoint["state_dict"].items() if k in current}
+        problems = state_problems(expected, given, unexpected=False)
         if problems:
             raise UsageError(
-                f"the checkpoint {'; '.join(problems)}; was it written with another method, adapter config, "
-                "backbone or class count?"
+                f"the checkpoint lacks or mis-shapes tensors of this model ({'; '.join(problems)}); was it "
+                "written with another method, adapter config, backbone or class count?"
             )
         if checkpoint.get("val_acc_best") is not None:
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))

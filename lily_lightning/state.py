@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import timm
 import torch
 from torch import nn
@@ -27,27 +29,35 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def state_problems(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], unexpected: bool = True
+) -> list[str]:
+    """What keeps ``given`` from loading into tensors shaped like ``expected``: missing names, (with
+    ``unexpected``) names the model lacks, and differing shapes. Empty when it fits."""
+
+    def listed(names: list[str]) -> str:
+        return repr(names) if len(names) <= 5 else f"{names[:5]} and {len(names) - 5} more"
+
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected)) if unexpected else []
+    mis_shaped = [
+        f"{k}: file {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(given) & set(expected))
+        if given[k].shape != expected[k].shape
+    ]
+    problems = [f"missing {listed(missing)}"] if missing else []
+    problems += [f"unexpected {listed(extra)}"] if extra else []
+    problems += [f"wrong shape {listed(mis_shaped)}"] if mis_shaped else []
+    return problems
+
+
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load what :func:`adapter_state_dict` returned into an injected model built with the same config.
 
     Raises ``ValueError`` naming every missing, unexpected or mis-shaped tensor.
     """
-    expected = adapter_state_dict(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mis_shaped:
-        problems = []
-        if missing:
-            problems.append(f"missing {missing}")
-        if unexpected:
-            problems.append(f"unexpected {unexpected}")
-        if mis_shaped:
-            problems.append(f"wrong shape {mis_shaped}")
+    problems = state_problems(adapter_state_dict(model), state)
+    if problems:
         raise ValueError(
             "adapter state does not fit this model (was it saved with another adapter config or backbone?): "
             + "; ".join(problems)

@@ -7,22 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NUM_CLASSES
 
 from lily_lightning import LilyConfig, UsageError
 from lily_lightning.cli import main
-from lily_lightning.data import write_synthetic_vtab_task
 from lily_lightning.module import ViTClassifier
-
-NUM_CLASSES = 4
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("vtab")
-    write_synthetic_vtab_task(
-        root, "shapes", NUM_CLASSES, n_train800=48, n_val200=16, n_test=64, image_size=32
-    )
-    return root
 
 
 def tiny_run_config(tmp_path: Path, data_root: Path, epochs: int, method: str = "lily") -> Path:

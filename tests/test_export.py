@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_cli import NUM_CLASSES, tiny_run_config, trainable_tensors
+from test_cli import tiny_run_config, trainable_tensors
 
 from lily_lightning import LilyConfig, unmerge
 from lily_lightning.cli import main, run_lightning
-from lily_lightning.data import write_synthetic_vtab_task
 from lily_lightning.export import ExportCLI, export_model, load_exported
 from lily_lightning.module import ViTClassifier
 
@@ -22,13 +21,10 @@ SITES = ("k", "v", "mlp")
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def fitted(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[Path, Path]:
     """(config, checkpoint) of a short Lily fit with batch routing (the paper's, and the default)."""
     tmp = tmp_path_factory.mktemp("fit")
-    write_synthetic_vtab_task(
-        tmp / "vtab", "shapes", NUM_CLASSES, n_train800=48, n_val200=16, n_test=64, image_size=32
-    )
-    config = tiny_run_config(tmp, tmp / "vtab", epochs=1)
+    config = tiny_run_config(tmp, data_root, epochs=1)
     args = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0"]
     assert main(["fit", "--config", str(config), *args]) == 0
     return config, tmp / "run" / "checkpoints" / "last.ckpt"

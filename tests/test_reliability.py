@@ -24,15 +24,6 @@ EPOCHS = 4  # the kills below leave at least one epoch to run when SIGINT is sen
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("vtab")
-    write_synthetic_vtab_task(
-        root, "shapes", NUM_CLASSES, n_train800=48, n_val200=16, n_test=64, image_size=32
-    )
-    return root
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     """The config of an uninterrupted EPOCHS-epoch run, already fitted (its checkpoint is the reference)."""
     config = tiny_run_config(tmp_path_factory.mktemp("whole"), data_root, epochs=EPOCHS)
