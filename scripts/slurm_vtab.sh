@@ -35,23 +35,17 @@ source .venv/bin/activate
 # Data-loader threads per process; the GPU does the work.
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
 
-srun python -m lily_lightning fit \
-    --config configs/vit_vtab.yaml --config "configs/vtab/${task}.yaml" \
-    --data.init_args.root "$VTAB_ROOT" --model.weights "$WEIGHTS" \
-    --data.init_args.batch_size 8 \
-    --trainer.accelerator gpu --trainer.strategy ddp \
-    --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
-    --trainer.precision bf16-mixed \
-    "$@"
+# The same run for fit and test: configs, data, weights, and one process per GPU on every node.
+run=(
+    --config configs/vit_vtab.yaml --config "configs/vtab/${task}.yaml"
+    --data.init_args.root "$VTAB_ROOT" --model.weights "$WEIGHTS"
+    --trainer.accelerator gpu --trainer.strategy ddp
+    --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE"
+    --trainer.precision bf16-mixed
+)
+
+srun python -m lily_lightning fit "${run[@]}" --data.init_args.batch_size 8 "$@"
 
 # Test the final model on the same allocation: each test image is counted once, the batch mix is that of
 # the global eval batch (eval_batch_size x processes), and rank 0 prints the RESULT line.
-srun python -m lily_lightning test \
-    --config configs/vit_vtab.yaml --config "configs/vtab/${task}.yaml" \
-    --data.init_args.root "$VTAB_ROOT" --model.weights "$WEIGHTS" \
-    --data.init_args.eval_batch_size 32 \
-    --trainer.accelerator gpu --trainer.strategy ddp \
-    --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
-    --trainer.precision bf16-mixed \
-    --ckpt_path last \
-    "$@"
+srun python -m lily_lightning test "${run[@]}" --data.init_args.eval_batch_size 32 --ckpt_path last "$@"
