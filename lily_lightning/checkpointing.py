@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import os
 import pickle
 import zipfile
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from .errors import UsageError
+from .files import write_atomically
 from .paths import resolve_path, shown_path
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ _UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, zipfi
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a hidden ``.<name>.partial`` file in the same folder, then renames it over
-    the target (``os.replace`` is atomic on POSIX and Windows): a kill during a save leaves the previous file.
+    """Writes a checkpoint to a hidden ``.<name>.partial`` file in the same folder, then renames it over the
+    target (``files.write_atomically``): a kill during a save leaves the previous file.
 
     Lightning 2.6's own ``_atomic_save`` serialises to memory first but then writes the target in place, so a
     kill during the write truncates it.
@@ -50,16 +50,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None:  # TorchCheckpointIO's own refusal message
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        partial = target.with_name(f".{target.name}.partial")
-        with open(partial, "wb") as file:
-            self.write(file, buffer.getbuffer())
-            file.flush()
-            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
-        os.replace(partial, target)
+        write_atomically(Path(path), buffer.getbuffer(), self.write)
 
     def write(self, file: IO[bytes], data: memoryview) -> None:
         """Write the serialised checkpoint; a separate step so a test can slow it down and kill a save."""

@@ -17,12 +17,13 @@ import timm
 import torch
 from lightning.pytorch.cli import LightningArgumentParser
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .adapters import LilyConfig, LoRAConfig
 from .cli import LilyCLI, run_lightning
 from .errors import UsageError
+from .files import write_atomically
 from .inject import ADAPTERS_ATTR, adapted_sites, inject, timm_state_dict
 from .merge import merge
 from .module import ViTClassifier
@@ -86,8 +87,7 @@ def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
         )
     else:
         metadata["load"] = "import timm; " + _timm_snippet(str(out), name, num_classes, img_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out), metadata=metadata)
+    write_atomically(out, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
     return metadata
 
 

@@ -7,22 +7,18 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .files import write_atomically
 
 RESULT_FILE = "result.json"
 
 
 def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
-    """Write ``result`` to ``run_dir/result.json`` (write, then rename: never half a file)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESULT_FILE
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(partial, path)
-    return path
+    """Write ``result`` to ``run_dir/result.json`` (never half a file: a sweep reads it as "finished")."""
+    return write_atomically(run_dir / RESULT_FILE, (json.dumps(result, indent=2) + "\n").encode())
 
 
 @dataclass(frozen=True)

