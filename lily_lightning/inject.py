@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .adapters import SITES, AdapterConfig, build_adapter
+from .errors import UsageError
 
 ADAPTERS_ATTR = "adapters"
 
@@ -82,6 +83,14 @@ class AdaptedSite(nn.Module):
 
     def extra_repr(self) -> str:
         return "sites=" + ",".join(f"{b.site}@{b.block}" for b in self.branches)
+
+
+def adapted_vit(model: nn.Module) -> nn.Module:
+    """The injected ViT inside ``model`` (``model`` itself, or e.g. a ViTClassifier's ``.model``)."""
+    for module in model.modules():
+        if isinstance(getattr(module, ADAPTERS_ATTR, None), nn.ModuleDict):
+            return module
+    raise UsageError("this model has no injected adapters; call lily_lightning.inject(model, config) first")
 
 
 def adapted_sites(model: nn.Module) -> list[AdaptedSite]:

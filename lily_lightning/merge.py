@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapters import LilyAdapter, LoRAAdapter
 from .errors import UsageError
-from .inject import ADAPTERS_ATTR, AdaptedSite, adapted_sites
+from .inject import ADAPTERS_ATTR, AdaptedSite, adapted_sites, adapted_vit
 
 # Attribute of the injected ViT that records a merge (and is absent when it is not merged).
 MERGED_ATTR = "_merged_adapters"
@@ -31,14 +31,6 @@ class _MergedSite:
     site: AdaptedSite
     branches: tuple  # the wrapper's branches before the merge
     original_weight: torch.Tensor  # a copy of the Linear's weight before the merge, restored bit for bit
-
-
-def adapted_vit(model: nn.Module) -> nn.Module:
-    """The injected ViT inside ``model`` (``model`` itself, or e.g. a ViTClassifier's ``.model``)."""
-    for module in model.modules():
-        if isinstance(getattr(module, ADAPTERS_ATTR, None), nn.ModuleDict):
-            return module
-    raise UsageError("this model has no injected adapters; call lily_lightning.inject(model, config) first")
 
 
 def _check_mergeable(adapters: nn.ModuleDict) -> None:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from .adapters import LilyConfig, LoRAConfig
-from .inject import ADAPTERS_ATTR
+from .adapters import LilyAdapter, LilyConfig, LoRAConfig
+from .inject import ADAPTERS_ATTR, adapted_vit
 from .state import count_backbone_parameters
 
 RunDirs = Path | str | Sequence[Path | str] | Mapping[str, Path | str]
@@ -111,27 +111,10 @@ def learning_curves(runs: RunDirs, save: Path | str | None = None, title: str | 
 # -- routing -----------------------------------------------------------------------------------------------
 
 
-def _adapter_owner(model: nn.Module) -> nn.Module:
-    """The timm ViT holding ``adapters``: ``model`` itself or the ``ViTClassifier``'s ``model.model``."""
-    for candidate in (model, getattr(model, "model", None)):
-        if isinstance(candidate, nn.Module) and isinstance(
-            getattr(candidate, ADAPTERS_ATTR, None), nn.Module
-        ):
-            return candidate
-    raise ValueError("this model has no injected adapters; build it with method 'lily' or call inject()")
-
-
-def _fixed_mixes(adapter: nn.Module, depth: int) -> np.ndarray | None:
-    """(blocks, E) when the site's mix does not depend on the input (in the mode the model is in), else None.
-
-    A site without routers mixes uniformly; a site with ``fixed_mix`` (adapters/lily.py) says when its mix is
-    fixed: uniform routing, or batch routing at eval with ``eval_routing="running"`` (the running mix).
-    """
-    num_experts = adapter.hp.shape[0]
-    if not getattr(adapter, "router", None):
-        return np.full((depth, num_experts), 1.0 / num_experts)
-    fixed_mix = getattr(adapter, "fixed_mix", None)
-    mixes = [fixed_mix(block) for block in range(depth)] if fixed_mix is not None else [None]
+def _fixed_mixes(adapter: LilyAdapter, depth: int) -> np.ndarray | None:
+    """(blocks, E) when the site's mix does not depend on the input (in the mode the model is in), else None:
+    uniform routing, or batch routing at eval with ``eval_routing="running"`` (``LilyAdapter.fixed_mix``)."""
+    mixes = [adapter.fixed_mix(block) for block in range(depth)]
     if any(mix is None for mix in mixes):
         return None
     return torch.stack(mixes).detach().float().cpu().numpy()
@@ -149,7 +132,7 @@ def routing_weights(
     depend on the input shows that mix: ``1 / E`` without routers (uniform routing), the running mix with
     ``eval_routing="running"``. LoRA sites have no experts and are left out.
     """
-    owner = _adapter_owner(model)
+    owner = adapted_vit(model)
     adapters = getattr(owner, ADAPTERS_ATTR)
     depth = len(owner.blocks)
     sums: dict[str, torch.Tensor] = {}
@@ -169,7 +152,7 @@ def routing_weights(
     model.eval()
     try:
         for site, adapter in adapters.items():
-            if getattr(adapter, "hp", None) is None:
+            if not isinstance(adapter, LilyAdapter):
                 continue  # LoRA: no experts
             if (mixes := _fixed_mixes(adapter, depth)) is not None:
                 fixed[site] = mixes
