@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .data.tasks import FGVC_TASKS, VTAB_GROUPS, VTAB_TASKS, benchmark_task, vtab_group_means
+from .data.tasks import FGVC_TASKS, VTAB_GROUPS, VTAB_TASKS, canonical_task, vtab_group_means
 from .errors import UsageError
 from .plots import results_bar_chart, routing_heatmap, routing_weights_from_checkpoint
 from .results import RunResult, collect_results
@@ -67,12 +67,6 @@ def cell_value(column: Column, accuracy: dict[str, float]) -> float | None:
     if column.title == TASK_MEAN:
         return vtab_group_means(values)["task_mean"]
     return sum(values.values()) / len(values)
-
-
-def canonical_task(name: str) -> str:
-    """VTAB-1k / FGVC names by their canonical spelling (aliases allowed); any other task as it is."""
-    task = benchmark_task(name)
-    return task.name if task is not None else name
 
 
 @dataclass

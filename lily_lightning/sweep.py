@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .data.tasks import FGVC_TASKS, VTAB_TASKS, FGVCTask, VTABTask, benchmark_task
+from .data.tasks import FGVC_TASKS, VTAB_TASKS, FGVCTask, VTABTask, benchmark_task, canonical_task
 from .errors import UsageError
 from .results import read_result
 
@@ -41,8 +41,7 @@ def expand_tasks(names: Sequence[str]) -> list[str]:
     spelling for known tasks); each task once, in order."""
     tasks: list[str] = []
     for name in names:
-        known = benchmark_task(name)
-        for task in BENCHMARKS.get(name.lower(), (known.name if known else name,)):
+        for task in BENCHMARKS.get(name.lower(), (canonical_task(name),)):
             if task not in tasks:
                 tasks.append(task)
     return tasks

@@ -154,3 +154,9 @@ def benchmark_task(name: str) -> VTABTask | FGVCTask | None:
     ``oxford_flowers`` is also an alias of VTAB's ``oxford_flowers102``)."""
     exact = VTAB_TASKS.get(name) or FGVC_TASKS.get(name)
     return exact or vtab_task(name) or fgvc_task(name)
+
+
+def canonical_task(name: str) -> str:
+    """VTAB-1k / FGVC names by their canonical spelling (aliases allowed); any other task as it is."""
+    task = benchmark_task(name)
+    return task.name if task is not None else name
