@@ -6,7 +6,7 @@ batch size, each row times an eval forward pass under ``torch.inference_mode``. 
   backbone     the frozen timm ViT, no adapter
   lily         Lily on k, v and the MLP (the defaults), unmerged, eval_routing running
   lily-kv      Lily on k and v only, unmerged, eval_routing running
-  merged-kv    lily-kv after lily_lightning.merge: k and v folded into qkv, no branch left
+  merged-kv    lily-kv after lily_lightning.vit.merge: k and v folded into qkv, no branch left
   merged       lily after merge: k and v folded, the mlp site (ReLU) still a side branch
 
 GFLOP/batch counts one forward pass with torch's FlopCounterMode (matmuls and convolutions: the

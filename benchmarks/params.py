@@ -1,7 +1,7 @@
 """Trainable adapter parameters of LoRA and Lily on timm ViTs, in millions, head excluded (as papers report).
 
 Every count comes from injecting the adapters into the real timm model, built on the meta device (no memory,
-no weights): ``lily_lightning.state.count_backbone_parameters`` (each shared Lily tensor once, as
+no weights): ``lily_lightning.vit.state.count_backbone_parameters`` (each shared Lily tensor once, as
 ``count_parameters``). Accuracy is not measured here, only cost.
 
     python benchmarks/params.py
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lily_lightning import LilyConfig, LoRAConfig
-from lily_lightning.state import count_backbone_parameters
+from lily_lightning.vit.state import count_backbone_parameters
 
 MODELS = {
     "vit_small_patch16_224": "ViT-S/16",

@@ -3,10 +3,10 @@
 from .adapters import LilyConfig, LoRAConfig
 from .data import FGVCDataModule, VTAB1kDataModule
 from .errors import UsageError
-from .inject import inject
-from .merge import merge, unmerge
-from .module import ViTClassifier
-from .state import adapter_state_dict, count_parameters, load_adapter_state_dict
+from .training.module import ViTClassifier
+from .vit.inject import inject
+from .vit.merge import merge, unmerge
+from .vit.state import adapter_state_dict, count_parameters, load_adapter_state_dict
 
 __all__ = [
     "FGVCDataModule",

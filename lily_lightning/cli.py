@@ -10,34 +10,16 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-from pathlib import Path
-from typing import Any
 
 import yaml
-from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
 
-from .checkpointing import (
-    LAST,
-    AtomicCheckpointIO,
-    LastCheckpoint,
-    check_fits,
-    checkpoint_file,
-    read_checkpoint,
-    resolve_checkpoint,
-)
 from .errors import UsageError, usage_message
-from .module import ViTClassifier
 from .paths import resolve_path, shown_path
-from .predictions import PredictionCSVWriter
-from .progress import PlainProgress
+from .training.lightning_cli import run_lightning
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
@@ -45,122 +27,6 @@ USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config 
        python -m lily_lightning sweep --config CONFIG.yaml --tasks vtab|fgvc|TASK... [--methods lily lora]
        python -m lily_lightning report RUNS_DIR [--out DIR]
        python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"""
-
-
-class LilyCLI(LightningCLI):
-    """LightningCLI with the class count linked from the data and per-run defaults for logs and checkpoints.
-
-    Unless the config says otherwise, a run writes to ``runs/<task>/<method>/``: CSV and TensorBoard logs,
-    and ``checkpoints/last.ckpt`` (adapter + head + optimiser state, rewritten atomically every epoch) so
-    ``fit --ckpt_path last`` resumes an interrupted run; ``last`` means that file and no other.
-    """
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.add_argument(
-            "--checkpoint_every_n_steps",
-            type=int,
-            default=0,
-            help=f"also rewrite checkpoints/{LAST} every this many optimiser steps (0: at epoch ends only)",
-        )
-        # Under DDP the data modules share out each global batch themselves (data.sampling), without
-        # Lightning's padding sampler, so N processes see the batches of one and evaluate each image once.
-        parser.set_defaults({"trainer.use_distributed_sampler": False})
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
-        # `main` passes the arguments it dispatched on (`export` rewrites them), so Lightning's warning about
-        # args next to sys.argv does not apply.
-        self.config = parser.parse_args(args)
-        # What the command line and its config files set, defaults left out (see _parse_ckpt_path).
-        self.explicit_config = parser.parse_args(args, defaults=False)
-        # LightningCLI loads an explicit --ckpt_path right after parsing, for its hyper-parameters: read it
-        # first, so a missing or damaged file is one message rather than a stack trace.
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path not in (None, "last"):
-            path = checkpoint_file(ckpt_path)
-            read_checkpoint(path)
-            self.config[subcommand]["ckpt_path"] = str(path)
-
-    def _parse_ckpt_path(self) -> None:
-        # Lightning rebuilds the model from the checkpoint's hyper-parameters, over the command line. How a
-        # trained model evaluates is no part of what it learnt: an eval_routing the command sets wins.
-        super()._parse_ckpt_path()
-        key = f"{self.config.get('subcommand')}.model.lily.eval_routing"
-        eval_routing = self.explicit_config.get(key)
-        if eval_routing is not None:
-            self.config[key] = eval_routing
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={})
-        task = getattr(self.datamodule, "task", None) or "task"
-        method = getattr(self.model, "method", "model")
-        run_dir = Path(config.get("default_root_dir") or Path("runs") / task / method)
-        kwargs.setdefault("default_root_dir", str(run_dir))
-        if config.get("logger") in (None, True):
-            kwargs["logger"] = [
-                CSVLogger(run_dir, name="csv"),
-                TensorBoardLogger(run_dir, name="tensorboard", default_hp_metric=False),
-            ]
-        callbacks = list(config.get("callbacks") or [])
-
-        def wanted(kind: type, switch: str) -> bool:
-            # None means "not set" in the parsed config; only an explicit False switches a default off.
-            return config.get(switch) is not False and not any(isinstance(c, kind) for c in callbacks)
-
-        if wanted(ModelCheckpoint, "enable_checkpointing"):
-            every = self._get(self.config_init, "checkpoint_every_n_steps", default=0) or 0
-            callbacks.append(LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=every))
-        if wanted(ProgressBar, "enable_progress_bar"):
-            callbacks.append(progress_callback(run_dir))
-        if self.subcommand == "predict":
-            callbacks.append(PredictionCSVWriter(run_dir / "predictions.csv"))
-        kwargs["callbacks"] = callbacks
-        kwargs["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
-        self._resolve_checkpoint(run_dir / "checkpoints")
-        return super().instantiate_trainer(**kwargs)
-
-    def _resolve_checkpoint(self, checkpoint_dir: Path) -> None:
-        """Point the subcommand at the checkpoint file it runs from, after checking it fits the model."""
-        if self.subcommand is None:
-            return
-        ckpt_path = self._get(self.config_init, "ckpt_path")
-        path = resolve_checkpoint(self.subcommand, ckpt_path, checkpoint_dir)
-        if path is not None:
-            check_fits(path, read_checkpoint(path), self.model.hparams)
-        elif self.subcommand == "fit" and (checkpoint_dir / LAST).is_file():
-            logging.getLogger("lily_lightning").warning(
-                "Starting a new run: %s of an earlier run will be overwritten when this one ends its first "
-                "epoch. To continue that run instead, add `--ckpt_path last`.",
-                checkpoint_dir / LAST,
-            )
-        self.config_init[self.subcommand]["ckpt_path"] = None if path is None else str(path)
-
-
-def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
-    """The configured Trainer plugins, plus :class:`AtomicCheckpointIO` unless one writes checkpoints."""
-    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-    if not any(isinstance(p, CheckpointIO) for p in plugins):
-        plugins.append(AtomicCheckpointIO())
-    return plugins
-
-
-def progress_callback(run_dir: Path) -> ProgressBar:
-    """Rich's live bar on a terminal; plain periodic lines (also in ``train.log``) in a file, pipe or CI."""
-    if sys.stdout.isatty():
-        return RichProgressBar()
-    return PlainProgress(log_file=run_dir / "train.log")
-
-
-def run_lightning(args: list[str] | None, cli: type[LilyCLI] = LilyCLI) -> LilyCLI:
-    return cli(
-        ViTClassifier,
-        subclass_mode_model=False,
-        subclass_mode_data=True,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
 
 
 def _show_package_logs() -> None:
@@ -178,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if args[:1] == ["prepare"]:
             if args[1:2] != ["demo"]:
                 raise UsageError(f"unknown `prepare` target {args[1:2]}; the one target is `demo`\n{USAGE}")
-            from .demo import main as prepare_demo_main
+            from .demo.prepare import main as prepare_demo_main
 
             return prepare_demo_main(args[2:])
         if args[:1] == ["data"]:
@@ -188,16 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 
             return data_check_main(args[2:])
         if args[:1] == ["sweep"]:
-            from .sweep import main as sweep_main
+            from .studies.sweep import main as sweep_main
 
             return sweep_main(args[1:])
         if args[:1] == ["report"]:
-            from .report import main as report_main
+            from .studies.report import main as report_main
 
             return report_main(args[1:])
         check_config_files(args)
         if args[:1] == ["export"]:
-            from .export import main as export_main
+            from .training.export_command import main as export_main
 
             return export_main(args[1:])
         # LightningCLI reads sys.argv itself when called from the command line.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import IO
 
-from lily_lightning.checkpointing import AtomicCheckpointIO
+from lily_lightning.training.checkpointing import AtomicCheckpointIO
 
 
 class SlowCheckpointIO(AtomicCheckpointIO):

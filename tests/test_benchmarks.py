@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lily_lightning.state import count_backbone_parameters
+from lily_lightning.vit.state import count_backbone_parameters
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -11,7 +11,7 @@ from conftest import NUM_CLASSES
 
 from lily_lightning import LilyConfig, UsageError
 from lily_lightning.cli import main
-from lily_lightning.module import ViTClassifier
+from lily_lightning.training.module import ViTClassifier
 
 
 def tiny_run_config(tmp_path: Path, data_root: Path, epochs: int, method: str = "lily") -> Path:

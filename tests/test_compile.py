@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lily_lightning import LilyConfig
-from lily_lightning.module import ViTClassifier
+from lily_lightning.training.module import ViTClassifier
 
 
 def tiny(compile: bool, seed: int = 0) -> ViTClassifier:

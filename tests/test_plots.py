@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lily_lightning import LilyConfig, LoRAConfig, inject
-from lily_lightning.plots import (
+from lily_lightning.studies.plots import (
     learning_curves,
     parameter_plot,
     read_metrics,

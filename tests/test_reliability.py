@@ -285,7 +285,7 @@ def test_last_checkpoint_every_epoch_and_every_n_steps(tmp_path: Path) -> None:
     from lightning.pytorch import Trainer
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from lily_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint
+    from lily_lightning.training.checkpointing import AtomicCheckpointIO, LastCheckpoint
 
     saves: list[tuple[int, int]] = []
 

@@ -9,7 +9,7 @@ import pytest
 
 from lily_lightning.cli import main
 from lily_lightning.data import FGVC_TASKS, VTAB_TASKS
-from lily_lightning.results import write_result
+from lily_lightning.training.results import write_result
 
 # Hand-picked accuracies; the means below are worked out by hand from these numbers.
 LILY_VTAB = {

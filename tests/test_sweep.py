@@ -10,8 +10,8 @@ import torch
 
 from lily_lightning.cli import main
 from lily_lightning.data import write_synthetic_vtab_task
-from lily_lightning.results import read_result
-from lily_lightning.sweep import expand_tasks, run_configs
+from lily_lightning.studies.sweep import expand_tasks, run_configs
+from lily_lightning.training.results import read_result
 
 TASKS = ["alpha", "beta", "gamma"]
 

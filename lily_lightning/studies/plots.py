@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from .adapters import LilyAdapter, LilyConfig, LoRAConfig
-from .inject import ADAPTERS_ATTR, adapted_vit
-from .state import count_backbone_parameters
+from ..adapters import LilyAdapter, LilyConfig, LoRAConfig
+from ..vit.inject import ADAPTERS_ATTR, adapted_vit
+from ..vit.state import count_backbone_parameters
 
 RunDirs = Path | str | Sequence[Path | str] | Mapping[str, Path | str]
 
@@ -188,7 +188,7 @@ def routing_weights_from_checkpoint(
     The model is rebuilt from the checkpoint's hyper-parameters (``overrides`` replace some, e.g.
     ``weights=...`` for a backbone file that moved) and its trainable tensors loaded.
     """
-    from .module import ViTClassifier  # the Lightning module; plots of bare models do not need it
+    from ..training.module import ViTClassifier  # the Lightning module; plots of bare models do not need it
 
     with warnings.catch_warnings():  # the frozen backbone is not in the checkpoint, by design
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not")

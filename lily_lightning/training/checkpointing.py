@@ -20,9 +20,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from .errors import UsageError
-from .files import write_atomically
-from .paths import resolve_path, shown_path
+from ..errors import UsageError
+from ..files import write_atomically
+from ..paths import resolve_path, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -228,3 +228,11 @@ def check_fits(path: Path, checkpoint: Mapping[str, Any], model_hparams: Mapping
         + "\nUse the settings the checkpoint was trained with, or leave out --ckpt_path (fit: start a new "
         "run, with another trainer.default_root_dir to keep the old one)."
     )
+
+
+def load_trained(model: L.LightningModule, path: Path) -> None:
+    """Load what a run learnt (adapter + head; the backbone is frozen) from checkpoint ``path`` into
+    ``model``, through the model's own checks, as Lightning's restore does for `test` and `predict`."""
+    checkpoint = read_checkpoint(path)
+    model.on_load_checkpoint(checkpoint)  # refuses a checkpoint of another model
+    model.load_state_dict(checkpoint["state_dict"], strict=False)

@@ -15,8 +15,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .adapters import SITES, AdapterConfig, build_adapter
-from .errors import UsageError
+from ..adapters import SITES, AdapterConfig, build_adapter
+from ..errors import UsageError
 
 ADAPTERS_ATTR = "adapters"
 

@@ -16,14 +16,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from .adapters import LilyConfig, LoRAConfig
-from .errors import UsageError
-from .inject import ADAPTERS_ATTR, inject
+from ..adapters import LilyConfig, LoRAConfig
+from ..errors import UsageError
+from ..seeding import epoch_seed, run_seed
+from ..vit.inject import ADAPTERS_ATTR, inject
+from ..vit.state import count_parameters, state_problems
+from ..vit.weights import load_backbone_weights
 from .results import write_result
 from .schedule import warmup_cosine_lr
-from .seeding import epoch_seed, run_seed
-from .state import count_parameters, state_problems
-from .weights import load_backbone_weights
 
 Method = Literal["lily", "lora", "linear_probe", "full"]
 Normalize = Literal["backbone", "imagenet", "none"]

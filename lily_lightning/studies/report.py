@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 
-from .data.tasks import FGVC_TASKS, VTAB_GROUPS, VTAB_TASKS, canonical_task, vtab_group_means
-from .errors import UsageError
+from ..data.tasks import FGVC_TASKS, VTAB_GROUPS, VTAB_TASKS, canonical_task, vtab_group_means
+from ..errors import UsageError
+from ..training.results import RunResult, collect_results
 from .plots import results_bar_chart, routing_heatmap, routing_weights_from_checkpoint
-from .results import RunResult, collect_results
 
 MISSING = "-"
 GROUP_TITLES = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}

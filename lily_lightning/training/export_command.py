@@ -1,0 +1,69 @@
+"""``python -m lily_lightning export``: a trained run as one merged ``.safetensors`` file in timm's format.
+
+The model is built exactly as ``test`` builds it (``run_lightning``: config files, overrides, the checkpoint's
+hyper-parameters, the same checkpoint checks), loaded with :func:`load_trained`, then merged and written by
+:func:`lily_lightning.vit.export.export_vit` instead of being tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+from ..errors import UsageError
+from ..vit.export import export_vit
+from .checkpointing import load_trained
+from .lightning_cli import LilyCLI, run_lightning
+from .module import ViTClassifier
+
+USAGE = (
+    "usage: python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"
+)
+
+
+def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
+    """Merge ``classifier``'s ViT (in place, eval mode) and write it with its head to ``out``."""
+    hparams = classifier.hparams
+    normalized = hparams.normalize != "none"
+    mean, std = ([round(v, 6) for v in t.flatten().tolist()] for t in (classifier.mean, classifier.std))
+    adapter_config = None
+    if classifier.method in ("lily", "lora"):
+        config = hparams.lily if classifier.method == "lily" else hparams.lora
+        # A dataclass when built in Python, a dict when LightningCLI built it.
+        fields = asdict(config) if is_dataclass(config) else dict(config)
+        adapter_config = {"method": classifier.method, **fields}
+    classifier.eval()
+    return export_vit(
+        classifier.model,
+        out,
+        timm_name=hparams.backbone,
+        mean=mean if normalized else None,
+        std=std if normalized else None,
+        adapter_config=adapter_config,
+    )
+
+
+class ExportCLI(LilyCLI):
+    """The ``test`` command's model building, then :func:`export_model` instead of testing."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--out", type=str, required=True, help="the .safetensors file to write")
+
+    def test(self, model: ViTClassifier, ckpt_path: str | None = None, **_: Any) -> None:
+        # LightningCLI calls a method named after the subcommand instead of the Trainer's.
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            raise UsageError(f"export needs --ckpt_path of a checkpoint file, got {ckpt_path!r}\n{USAGE}")
+        load_trained(model, Path(ckpt_path))
+        out = Path(self.config["test"]["out"])
+        metadata = export_model(model, out)
+        print(f"EXPORT out={out} side_branches={metadata['side_branches']}\nload: {metadata['load']}")
+        print(f"input: {metadata['input']}", flush=True)
+
+
+def main(args: list[str]) -> int:
+    run_lightning(["test", *args], ExportCLI)
+    return 0

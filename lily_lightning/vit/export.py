@@ -1,0 +1,111 @@
+"""A merged adapted ViT as one ``.safetensors`` file in timm's format, and the loader for such files.
+
+:func:`export_vit` merges (:func:`lily_lightning.merge`) and writes with timm's key names. With no ``mlp``
+site left the file is a plain timm checkpoint; with one, it also holds that side branch's tensors, and
+:func:`load_exported` (or timm plus ``inject``, as the file's metadata says) loads it. The ``export``
+command (``training/export_command.py``) builds the trained model and calls :func:`export_vit`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torch import nn
+
+from ..adapters import LilyConfig, LoRAConfig
+from ..errors import UsageError
+from ..files import write_atomically
+from .inject import ADAPTERS_ATTR, adapted_sites, inject, timm_state_dict
+from .merge import merge
+from .state import adapter_state_dict, load_adapter_state_dict
+
+FORMAT = "lily_lightning.export/1"
+
+
+def _side_sites(vit: nn.Module) -> list[str]:
+    """The adapter sites merging left as branches (the whole-MLP site)."""
+    return sorted({branch.site for site in adapted_sites(vit) for branch in site.branches})
+
+
+def _timm_snippet(path: str, name: str, num_classes: int, img_size: int | tuple[int, int]) -> str:
+    return (
+        f"timm.create_model({name!r}, pretrained=True, num_classes={num_classes}, img_size={img_size!r}, "
+        f"pretrained_cfg_overlay=dict(file={path!r}, num_classes={num_classes}))"
+    )
+
+
+def export_vit(
+    vit: nn.Module,
+    out: Path,
+    timm_name: str,
+    mean: list[float] | None,
+    std: list[float] | None,
+    adapter_config: dict[str, object] | None,
+) -> dict[str, str]:
+    """Merge the injected ``vit`` (in place, eval mode) and write it with its head to ``out``; return the
+    metadata. ``mean``/``std`` (None: [0, 1] pixels go in as they are) and ``adapter_config`` (``method``
+    plus the config's fields) describe how to feed and rebuild it.
+    """
+    vit.eval()
+    merge(vit)
+    sides = _side_sites(vit)
+    tensors = timm_state_dict(vit)
+    if sides:
+        adapters = adapter_state_dict(vit)
+        tensors |= {k: v for k, v in adapters.items() if k.split(".")[1] in sides}
+    height, width = vit.patch_embed.img_size
+    img_size: int | tuple[int, int] = height if height == width else (height, width)
+    num_classes = vit.num_classes
+    if mean is None or std is None:
+        inputs = "RGB pixels in [0, 1], not normalised"
+    else:
+        inputs = f"RGB pixels in [0, 1], then (x - mean) / std with mean={mean}, std={std}"
+    metadata = {
+        "format": FORMAT,
+        "timm_model": timm_name,
+        "num_classes": str(num_classes),
+        "img_size": json.dumps(img_size),
+        "input": f"{img_size} px images: {inputs}",
+        "input_mean": json.dumps(mean if mean is not None else [0.0, 0.0, 0.0]),
+        "input_std": json.dumps(std if std is not None else [1.0, 1.0, 1.0]),
+        "side_branches": json.dumps(sides),
+    }
+    if sides:
+        if adapter_config is None:
+            raise ValueError("a model with side branches needs its adapter_config to be exported")
+        metadata["adapter_config"] = json.dumps({**adapter_config, "targets": sides})
+        metadata["load"] = (
+            f"the {'/'.join(sides)} site is a side branch, not a timm tensor: "
+            f"lily_lightning.vit.export.load_exported({str(out)!r})"
+        )
+    else:
+        metadata["load"] = "import timm; " + _timm_snippet(str(out), timm_name, num_classes, img_size)
+    write_atomically(out, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    return metadata
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """The timm model (in eval mode) that :func:`export_model` wrote to ``path``, side branches included."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise UsageError(f"{path} is not a lily_lightning export (format {metadata.get('format')!r})")
+    model = timm.create_model(
+        metadata["timm_model"],
+        pretrained=False,
+        num_classes=int(metadata["num_classes"]),
+        img_size=json.loads(metadata["img_size"]),
+    )
+    tensors = load_file(str(path))
+    adapters = {k: v for k, v in tensors.items() if k.startswith(f"{ADAPTERS_ATTR}.")}
+    model.load_state_dict({k: v for k, v in tensors.items() if k not in adapters})
+    if json.loads(metadata["side_branches"]):
+        config = json.loads(metadata["adapter_config"])
+        method = config.pop("method")
+        inject(model, LilyConfig(**config) if method == "lily" else LoRAConfig(**config))
+        load_adapter_state_dict(model, adapters)
+    return model.eval()
