@@ -118,18 +118,19 @@ def test_duplicate_lines(tmp_path):
     assert "train800val200: repeated lines (same image and label as an earlier line) (2):" in output
     path, label = train[4].split()
     assert (
-        f"train800val200.txt:10: {task_dir / path} (label {label}): first at train800val200.txt:5" in output
+        f"train800val200.txt:10: {task_dir / path} (label {label}): first at train800val200.txt:5\n" in output
     )
     assert "train800val200.txt:11:" in output and "first at train800val200.txt:2" in output
     assert "`fit` drops them with a warning and uses each image once (9 images)" in output
     test = list_lines(task_dir, "test")
-    other = (int(test[0].split()[1]) + 1) % 3
-    (task_dir / "test.txt").write_text("\n".join([*test, f"{test[0].split()[0]} {other}"]) + "\n")
+    path, label = test[0].split()
+    other = (int(label) + 1) % 3
+    (task_dir / "test.txt").write_text("\n".join([*test, f"{path} {other}"]) + "\n")
     code, output = run_check(tmp_path)
     assert code == 1
     assert rows(output)["test"] == ["3", "-", "0..2", "0", "1", "0", "0", "FAIL"]
     assert "test: images listed again with another label (1):" in output
-    assert f"test.txt:4: {task_dir / test[0].split()[0]} (label {other}): first at test.txt:1" in output
+    assert f"test.txt:4: {task_dir / path} (label {other}): first at test.txt:1 (label {label})\n" in output
     assert "`fit` refuses this split" in output
 
 

@@ -149,7 +149,10 @@ def find_duplicates(records: Iterable[ImageRecord]) -> Duplicates:
 
 def describe_duplicates(duplicates: Mapping[ImageRecord, ImageRecord], what: str) -> str:
     """:func:`describe`, each duplicate with where its image was listed first."""
-    notes = {r: f"first at {first.origin} (label {first.label})" for r, first in duplicates.items()}
+    notes = {
+        r: f"first at {first.origin}" + (f" (label {first.label})" if first.label != r.label else "")
+        for r, first in duplicates.items()
+    }
     return describe(list(duplicates), what, notes)
 
 

@@ -169,7 +169,7 @@ class VTAB1kDataModule(SplitDataModule):
 
     def _split(self, split: str) -> list[ImageRecord]:
         """One split file's records, read once: a repeated line is dropped with a warning, an image listed
-        with two labels is refused (NOAH's lists have neither)."""
+        with two labels is refused."""
         if split not in self._split_records:
             records = read_vtab_split(self.task_dir, split, self._hint())
             self._split_records[split] = without_duplicates(records, self._hint())
