@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hand_made_images import GREY, GREY_ALPHA, RGB, write_bomb, write_png16
 from PIL import Image
 
 from lily_lightning.data import (
@@ -21,6 +22,7 @@ from lily_lightning.data import (
     write_synthetic_vtab_task,
 )
 from lily_lightning.data.fgvc import read_fgvc_splits
+from lily_lightning.data.images import load_rgb
 from lily_lightning.data.transforms import fgvc_resize_size
 from lily_lightning.errors import UsageError
 
@@ -322,20 +324,89 @@ def test_malformed_list_line(tmp_path):
         vtab(tmp_path, "kitti").setup("fit")
 
 
-def corrupt(task_dir: Path, split: str, index: int) -> Path:
-    path = task_dir / list_lines(task_dir, split)[index][0]
+def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:40])  # a half-downloaded file
-    return path
 
 
+def float_tiff(path: Path) -> None:
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(path, format="TIFF")
+
+
+def int32_tiff(path: Path) -> None:
+    Image.fromarray(np.full((4, 4), 70_000, np.int32)).save(path, format="TIFF")
+
+
+# How each kind of bad file is damaged, and what the message must say about it. The bombs use PIL's real
+# limit (89,478,485 pixels): above twice that PIL itself refuses at open, in between it only warns.
+DAMAGE = {
+    "truncated": (truncate, "image file is truncated|cannot identify image file"),
+    "bomb": (lambda path: write_bomb(path, 20_000), "400000000 pixels"),
+    "bomb below twice the limit": (
+        lambda path: write_bomb(path, 10_000),
+        "10000 x 10000 pixels, more than PIL's decompression-bomb limit of 89,478,485",
+    ),
+    "float pixels": (float_tiff, "floating-point pixels"),
+    "32-bit pixels": (int32_tiff, r"outside the 16-bit range \(values 70000..70000\)"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, at open, before ours
+@pytest.mark.parametrize("damage", list(DAMAGE))
 @pytest.mark.parametrize("cache_images", [True, False])
-def test_corrupt_image_is_named(tmp_path, cache_images):
+def test_undecodable_image_is_named(tmp_path, cache_images, damage):
     task_dir = tiny_task(tmp_path, "eurosat", 10)
-    bad = corrupt(task_dir, "train800", 1)
+    bad = task_dir / list_lines(task_dir, "train800")[1][0]
+    write, reason = DAMAGE[damage]
+    write(bad)
     dm = vtab(tmp_path, "eurosat", cache_images=cache_images, batch_size=8)
-    with pytest.raises(UsageError, match=rf"Cannot decode image {bad}"):
+    with pytest.raises(UsageError, match=rf"Cannot decode image {bad}: .*({reason})"):
         dm.setup("fit")  # cached: decoded here
         next(iter(dm.train_dataloader()))  # not cached: decoded when loaded
+
+
+# 16-bit samples and their 8-bit values, worked out by hand: the top 8 of 16 bits (v // 256), which is also
+# what PIL keeps of 16-bit RGB and grey+alpha PNGs.
+SAMPLES_16 = np.array([[0, 255, 256], [511, 1000, 32767], [32896, 65280, 65535]])
+EXPECTED_8 = np.array([[0, 0, 1], [1, 3, 127], [128, 255, 255]])
+INVERTED_8 = np.array([[255, 255, 254], [254, 252, 128], [127, 0, 0]])  # of 65535 - SAMPLES_16
+
+
+def test_16_bit_images_keep_their_top_8_bits(tmp_path):
+    grey = np.stack([EXPECTED_8] * 3, axis=-1)
+    ones = np.full((3, 3), 65535)
+    pgm = tmp_path / "grey.pgm"  # PIL opens 16-bit PGMs as mode "I"
+    pgm.write_bytes(b"P5\n3 3\n65535\n" + SAMPLES_16.astype(">u2").tobytes())
+    Image.fromarray(SAMPLES_16.astype(np.uint16)).save(tmp_path / "pil.png")  # PIL writes mode "I;16"
+    cases = {
+        pgm: grey,
+        tmp_path / "pil.png": grey,
+        write_png16(tmp_path / "grey.png", SAMPLES_16[..., None], GREY): grey,
+        write_png16(tmp_path / "grey_alpha.png", np.stack([SAMPLES_16, ones], -1), GREY_ALPHA): grey,
+        write_png16(
+            tmp_path / "rgb.png", np.stack([SAMPLES_16, 65535 - SAMPLES_16, SAMPLES_16.T], -1), RGB
+        ): np.stack([EXPECTED_8, INVERTED_8, EXPECTED_8.T], -1),
+    }
+    for path, expected in cases.items():
+        decoded = load_rgb(path)
+        assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), expected), path.name
+
+
+def test_repeated_lines_are_dropped_and_conflicting_ones_refused(tmp_path, caplog):
+    task_dir = tiny_task(tmp_path, "dtd", 47)
+    lines = (task_dir / "train800val200.txt").read_text().splitlines()
+    with (task_dir / "train800val200.txt").open("a") as f:
+        f.write(lines[0] + "\n")  # line 9 repeats line 1
+    with caplog.at_level(logging.WARNING, logger="lily_lightning"):
+        train = vtab(tmp_path, "dtd").dataset("train")
+    assert [r.origin for r in train.records] == [f"train800val200.txt:{n}" for n in range(1, 9)]
+    assert f"train800val200.txt:9: {task_dir / lines[0].split()[0]}" in caplog.text
+    assert "first at train800val200.txt:1" in caplog.text
+    path, label = lines[1].split()
+    with (task_dir / "train800val200.txt").open("a") as f:
+        f.write(f"{path} {(int(label) + 1) % 47}\n")  # line 10: line 2's image with another label
+    conflict = r"another label \(1\):\n  train800val200.txt:10: .*first at train800val200.txt:2 "
+    with pytest.raises(UsageError, match=conflict):
+        vtab(tmp_path, "dtd").setup("fit")
 
 
 # ---- your own task --------------------------------------------------------------------------------
@@ -467,6 +538,20 @@ def test_fgvc_errors(tmp_path):
     (tmp_path / "Stanford-dogs" / "val.json").unlink()
     with pytest.raises(UsageError, match=r"Missing split file .*val.json"):
         fgvc(tmp_path, "dogs").setup("fit")
+
+
+def test_fgvc_repeated_json_keys(tmp_path):
+    contents = fgvc_tree(tmp_path, "cub")
+    test_json = tmp_path / "CUB_200_2011" / "test.json"
+    key, class_id_ = next(iter(contents["test"].items()))
+    text = json.dumps(contents["test"])
+    test_json.write_text(text[:-1] + f", {json.dumps(key)}: {class_id_}}}")  # the same pair twice
+    assert len(fgvc(tmp_path, "cub").dataset("test")) == 3
+    test_json.write_text(text[:-1] + f", {json.dumps(key)}: {class_id(0)}}}")  # json.loads keeps the last
+    with pytest.raises(
+        UsageError, match=rf"listed again with another label \(1\):\n  test.json\[{key!r}\] #2"
+    ):
+        fgvc(tmp_path, "cub").setup("test")
 
 
 def test_fgvc_wrong_class_count_and_missing_image(tmp_path):

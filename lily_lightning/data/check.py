@@ -9,16 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from lily_lightning.data.fgvc import FGVC_LAYOUT, FGVC_SPLITS, locate_fgvc_dataset
-from lily_lightning.data.images import DECODE_ERRORS, decode_threads
+from lily_lightning.data.images import UndecodableImage, decode_rgb, decode_threads
 from lily_lightning.data.records import (
     ImageRecord,
     describe,
+    describe_duplicates,
+    find_duplicates,
     labels_out_of_range,
     missing_images,
     read_json_split,
@@ -35,6 +36,10 @@ from lily_lightning.errors import UsageError
 from lily_lightning.paths import resolve_path, shown_path
 
 _STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "absent": "dim"}
+# Each split that is evaluated, and the splits trained on before it (the DataModules' split modes): VTAB-1k
+# validates val200 after training on train800, tests after train800val200; FGVC likewise with train / val.
+_VTAB_TRAINED_BEFORE = {"val200": ("train800",), "test": ("train800val200",)}
+_FGVC_TRAINED_BEFORE = {"val": ("train",), "test": ("train", "val")}
 
 
 @dataclass
@@ -48,18 +53,30 @@ class SplitReport:
     error: str | None = None  # the split file is missing or malformed
     absent: bool = False  # a custom task without this (optional) split file
     out_of_range: list[ImageRecord] = field(default_factory=list)
+    unseen: list[ImageRecord] = field(default_factory=list)  # labels no image of the training split(s) has
+    trained_on: tuple[str, ...] = ()  # those training splits
+    unseen_fails: bool = False  # a custom task's unseen labels are errors; a published split's a warning
+    repeated: dict[ImageRecord, ImageRecord] = field(default_factory=dict)  # -> the line it repeats
+    conflicting: dict[ImageRecord, ImageRecord] = field(default_factory=dict)  # same image, other label
     missing: list[ImageRecord] = field(default_factory=list)
-    unreadable: list[ImageRecord] = field(default_factory=list)
+    unreadable: dict[ImageRecord, str] = field(default_factory=dict)  # -> why it does not decode
+
+    @property
+    def images(self) -> int:
+        """Distinct images: what `fit` uses once it has dropped repeated lines."""
+        return len({r.path for r in self.records})
 
     @property
     def status(self) -> str:
         if self.absent:
             return "absent"
-        if self.error or self.out_of_range or self.missing or self.unreadable:
+        if self.error or self.out_of_range or self.conflicting or self.missing or self.unreadable:
             return "FAIL"
-        if self.expected is not None and len(self.records) != self.expected:
+        if self.unseen and self.unseen_fails:
+            return "FAIL"
+        if self.expected is not None and self.images != self.expected:
             return "FAIL" if self.strict else "warn"
-        return "ok"
+        return "warn" if self.repeated or self.unseen else "ok"
 
 
 @dataclass(frozen=True)
@@ -69,15 +86,14 @@ class _Target:
     task: VTABTask | FGVCTask | None  # None: a custom VTAB-layout task
 
 
-def _probe(path: Path) -> bool:
-    """True if the image decodes. JPEGs decode at reduced scale yet read every byte, so truncation shows."""
+def _probe(path: Path) -> str | None:
+    """Why the image does not decode as the datasets decode it, or None. JPEGs decode at reduced scale yet
+    read every byte, so truncation shows."""
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))
-            image.load()
-    except DECODE_ERRORS:
-        return False
-    return True
+        decode_rgb(path, draft_size=(64, 64))
+    except UndecodableImage as err:
+        return str(err)
+    return None
 
 
 def _mark_unreadable(reports: Sequence[SplitReport]) -> None:
@@ -85,9 +101,26 @@ def _mark_unreadable(reports: Sequence[SplitReport]) -> None:
     missing = {r.path for report in reports for r in report.missing}
     paths = sorted({r.path for report in reports for r in report.records} - missing)
     with ThreadPoolExecutor(decode_threads()) as pool:
-        bad = {path for path, ok in zip(paths, pool.map(_probe, paths), strict=True) if not ok}
+        reasons = dict(zip(paths, pool.map(_probe, paths), strict=True))
     for report in reports:
-        report.unreadable = [r for r in report.records if r.path in bad]
+        report.unreadable = {r: why for r in report.records if (why := reasons.get(r.path)) is not None}
+
+
+def _inspect(reports: Sequence[SplitReport], trained_before: dict[str, tuple[str, ...]]) -> None:
+    """Duplicates, missing images and (in-range) labels that no training image has, split by split."""
+    by_split = {report.split: report for report in reports}
+    for report in reports:
+        duplicates = find_duplicates(report.records)
+        report.repeated, report.conflicting = duplicates.repeated, duplicates.conflicting
+        report.missing = missing_images(report.records)
+        training = [by_split[split] for split in trained_before.get(report.split, ())]
+        if training and all(t.records and not t.error for t in training):
+            trained_labels = {r.label for t in training for r in t.records}
+            report.trained_on = tuple(t.split for t in training)
+            out_of_range = set(report.out_of_range)  # counted as such already
+            report.unseen = [
+                r for r in report.records if r.label not in trained_labels and r not in out_of_range
+            ]
 
 
 def _check_vtab(folder: Path, task: VTABTask | None) -> tuple[list[SplitReport], str]:
@@ -113,7 +146,9 @@ def _check_vtab(folder: Path, task: VTABTask | None) -> tuple[list[SplitReport],
                 report.error, report.absent = None, True
     for report in reports:
         report.out_of_range = labels_out_of_range(report.records, num_classes)
-        report.missing = missing_images(report.records)
+        # A custom task's labels are the only word on its classes (`fit` infers num_classes from them).
+        report.unseen_fails = task is None
+    _inspect(reports, _VTAB_TRAINED_BEFORE)
     return reports, note
 
 
@@ -125,8 +160,8 @@ def _check_fgvc(folder: Path, task: FGVCTask) -> tuple[list[SplitReport], str]:
             report.records = read_json_split(folder / f"{split}.json", folder / task.image_dir)
         except UsageError as err:
             report.error = str(err).strip()
-        report.missing = missing_images(report.records)
         reports.append(report)
+    _inspect(reports, _FGVC_TRAINED_BEFORE)
     distinct = len({r.label for report in reports for r in report.records})
     if distinct != task.num_classes and reports[0].error is None:
         reports[
@@ -139,7 +174,9 @@ def _table(title: str, reports: Sequence[SplitReport]) -> Table:
     table = Table(
         title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
     )
-    for column in ("split", "images", "expected", "labels", "bad label", "missing", "corrupt", "status"):
+    # "bad label": out of range, or (in an evaluated split) no training image has it; details say which.
+    columns = ("split", "images", "expected", "labels", "bad\nlabel", "dup", "missing", "corrupt", "status")
+    for column in columns:
         table.add_column(
             column, justify="left" if column in ("split", "labels", "status") else "right", no_wrap=True
         )
@@ -147,10 +184,11 @@ def _table(title: str, reports: Sequence[SplitReport]) -> Table:
         labels = [r.label for r in report.records]
         table.add_row(
             report.split,
-            "-" if (report.error or report.absent) and not report.records else str(len(report.records)),
+            "-" if (report.error or report.absent) and not report.records else str(report.images),
             "-" if report.expected is None else str(report.expected),
             f"{min(labels)}..{max(labels)}" if labels else "-",
-            str(len(report.out_of_range)),
+            str(len(report.out_of_range) + len(report.unseen)),
+            str(len(report.repeated) + len(report.conflicting)),
             str(len(report.missing)),
             str(len(report.unreadable)),
             f"[{_STYLE[report.status]}]{report.status}[/]",
@@ -159,21 +197,37 @@ def _table(title: str, reports: Sequence[SplitReport]) -> Table:
 
 
 def _details(reports: Sequence[SplitReport]) -> list[str]:
+    """What is wrong, split by split, the first few records of each problem, and what `fit` makes of it."""
     lines = []
     for report in reports:
+        split = report.split
         if report.error:
-            lines.append(f"{report.split}: {report.error}")
-        for what, records in (
-            ("labels out of range", report.out_of_range),
-            ("images listed but not found", report.missing),
-            ("images that do not decode", report.unreadable),
-        ):
-            if records:
-                lines.append(f"{report.split}: {describe(records, what)}")
-        if report.status == "warn":
-            lines.append(
-                f"{report.split}: {len(report.records)} images, the published split has {report.expected}"
+            lines.append(f"{split}: {report.error}")
+        if report.out_of_range:
+            lines.append(f"{split}: {describe(report.out_of_range, 'labels out of range')}")
+        if report.unseen:
+            trained = "+".join(report.trained_on)
+            effect = (
+                "these classes cannot be learned: fix the labels, or add training images of them"
+                if report.unseen_fails
+                else "a warning only: the published split leaves these classes out of training"
             )
+            lines.append(f"{split}: {describe(report.unseen, f'labels no {trained} image has')}\n  {effect}")
+        if report.conflicting:
+            what = "images listed again with another label"
+            effect = "`fit` refuses this split: keep one line per image, with its right label"
+            lines.append(f"{split}: {describe_duplicates(report.conflicting, what)}\n  {effect}")
+        if report.repeated:
+            what = "repeated lines (same image and label as an earlier line)"
+            effect = f"`fit` drops them with a warning and uses each image once ({report.images} images)"
+            lines.append(f"{split}: {describe_duplicates(report.repeated, what)}\n  {effect}")
+        if report.missing:
+            lines.append(f"{split}: {describe(report.missing, 'images listed but not found')}")
+        if report.unreadable:
+            unreadable = list(report.unreadable)
+            lines.append(f"{split}: {describe(unreadable, 'images that do not decode', report.unreadable)}")
+        if report.records and report.expected is not None and report.images != report.expected:
+            lines.append(f"{split}: {report.images} images, the published split has {report.expected}")
     return lines
 
 
@@ -213,8 +267,8 @@ def check_tree(root: str | Path, name: str | None = None, console: Console | Non
     """Check every task under ``root`` (or only ``name``) and print a table per task.
 
     Returns 0 when all is well (warnings allowed), 1 when a split file is missing or malformed, an image is
-    missing or does not decode, a label is out of range, or a VTAB-1k training split is not 800/200/1000
-    images.
+    missing or does not decode, an image is listed with two labels, a label is out of range (or, in a
+    custom task, no training image has it), or a VTAB-1k training split is not 800/200/1000 images.
     Raises UsageError when ``root`` or ``name`` cannot be found.
     """
     console = console or Console()
@@ -232,7 +286,7 @@ def check_tree(root: str | Path, name: str | None = None, console: Console | Non
         label = target.task.name if target.task else target.folder.name
         console.print(_table(f"{target.kind} {label} ({note}): {target.folder}", reports))
         for line in _details(reports):
-            console.print(line, markup=False, highlight=False)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)  # paths stay whole
         if any(report.status == "FAIL" for report in reports):
             failed.append(label)
     if failed:

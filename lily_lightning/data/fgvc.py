@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from lily_lightning.data.base import Role, SplitDataModule
 from lily_lightning.data.images import ImageListDataset
-from lily_lightning.data.records import ImageRecord, read_json_split, validate
+from lily_lightning.data.records import ImageRecord, read_json_split, validate, without_duplicates
 from lily_lightning.data.tasks import FGVC_TASKS, FGVCTask, require_fgvc_task
 from lily_lightning.data.transforms import fgvc_eval_transform, fgvc_train_transform
 from lily_lightning.errors import UsageError
@@ -54,10 +54,14 @@ def locate_fgvc_dataset(root: str | Path, task: FGVCTask) -> Path:
 
 
 def read_fgvc_splits(dataset_dir: Path, task: FGVCTask) -> dict[str, list[ImageRecord]]:
-    """All three splits, class ids mapped to 0..num_classes-1 in sorted order, the same way in every split."""
+    """All three splits, class ids mapped to 0..num_classes-1 in sorted order, the same way in every split;
+    a key repeated in a json file is dropped with a warning, or refused if its class ids differ."""
     image_root = dataset_dir / task.image_dir
     hint = f"Fix or re-download {dataset_dir}.\n{FGVC_LAYOUT}"
-    raw = {split: read_json_split(dataset_dir / f"{split}.json", image_root, hint) for split in FGVC_SPLITS}
+    raw = {
+        split: without_duplicates(read_json_split(dataset_dir / f"{split}.json", image_root, hint), hint)
+        for split in FGVC_SPLITS
+    }
     class_ids = sorted({r.label for records in raw.values() for r in records})
     if len(class_ids) != task.num_classes:
         raise UsageError(

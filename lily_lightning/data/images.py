@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
@@ -18,22 +19,72 @@ from lily_lightning.errors import UsageError
 log = logging.getLogger(__name__)
 
 Sample = tuple[torch.Tensor, int]
-DECODE_ERRORS = (
+_DECODE_ERRORS = (
     OSError,
     SyntaxError,
     ValueError,
-)  # what PIL raises for unreadable, truncated or non-image files
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,  # raised instead of warned when warnings are errors (-W error)
+)  # what PIL raises for unreadable, truncated, non-image or decompression-bomb-sized files
+
+
+class UndecodableImage(Exception):
+    """An image file that cannot be used; the message says why (without the path)."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own ``convert("RGB")`` clips 16-bit grey pixels to 255 (an all-white image), so
+    those are scaled here, keeping the top 8 of 16 bits as PIL does itself for 16-bit RGB and grey+alpha PNGs
+    (so one 16-bit value decodes alike in every colour type)."""
+    if image.mode == "F":
+        raise UndecodableImage(
+            "floating-point pixels have no fixed range; save the image with 8 or 16 bits per channel"
+        )
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # "I;16*": 16-bit grey PNG/TIFF. "I": 32-bit integers, which PIL also uses for 16-bit PGMs (scaled to
+        # 0..65535) and, in older releases, for 16-bit grey PNGs.
+        pixels = np.asarray(image)
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 0xFFFF:
+            raise UndecodableImage(
+                f"integer pixels outside the 16-bit range (values {low}..{high}); save the image with 8 or "
+                "16 bits per channel"
+            )
+        return Image.fromarray((pixels >> 8).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")  # convert() decodes everything, so truncation shows up here
+
+
+def decode_rgb(path: os.PathLike | str, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image fully as 8-bit RGB: the one test of "is this image readable", for the datasets and
+    `data check` alike. Raises UndecodableImage (why) for a damaged, non-image or unsupported file, and for
+    one larger than PIL's decompression-bomb limit ``Image.MAX_IMAGE_PIXELS``.
+
+    ``draft_size`` lets JPEGs decode at reduced scale (still reading every byte, so truncation shows).
+    """
+    try:
+        with Image.open(path) as image:
+            # PIL refuses more than twice the limit at open but only warns above it, then decodes it all.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and image.width * image.height > limit:
+                raise UndecodableImage(
+                    f"{image.width} x {image.height} pixels, more than PIL's decompression-bomb limit of "
+                    f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS; raise it only for images you trust)"
+                )
+            if draft_size is not None:
+                image.draft("RGB", draft_size)
+            return _to_rgb(image)
+    except _DECODE_ERRORS as err:
+        raise UndecodableImage(str(err) or type(err).__name__) from err
 
 
 def load_rgb(path: os.PathLike | str) -> Image.Image:
-    """Decode an image fully as RGB; a damaged or non-image file is a UsageError that names it."""
+    """:func:`decode_rgb`, with an undecodable file as a UsageError that names it."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # convert() decodes everything, so truncation shows up here
-    except DECODE_ERRORS as err:
+        return decode_rgb(path)
+    except UndecodableImage as err:
         raise UsageError(
-            f"Cannot decode image {path}: {err}. The file is damaged or not an image; re-download or "
-            "re-extract it (`lily-lightning data check --root ...` lists every such file)."
+            f"Cannot decode image {path}: {err}. Replace the file (re-download or re-extract it) or remove "
+            "it from the split file (`lily-lightning data check --root ...` lists every such file)."
         ) from err
 
 

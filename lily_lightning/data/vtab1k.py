@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from lily_lightning.data.base import Role, SplitDataModule
 from lily_lightning.data.images import CachedImageDataset, ImageListDataset
-from lily_lightning.data.records import ImageRecord, read_list_file, validate
+from lily_lightning.data.records import ImageRecord, read_list_file, validate, without_duplicates
 from lily_lightning.data.tasks import VTABTask, vtab_names_help, vtab_task
 from lily_lightning.data.transforms import vtab_transform
 from lily_lightning.errors import UsageError
@@ -117,6 +117,7 @@ class VTAB1kDataModule(SplitDataModule):
         self.task: str = known.name if known else self.task_dir.name
         self.group: str | None = known.group if known else None
         self.given_num_classes = num_classes
+        self._split_records: dict[str, list[ImageRecord]] = {}
         self.num_classes: int = self._num_classes(known, num_classes)
 
     def _num_classes(self, known: VTABTask | None, given: int | None) -> int:
@@ -164,7 +165,15 @@ class VTAB1kDataModule(SplitDataModule):
         return f"Fix or re-download the task folder {self.task_dir}.\n{VTAB_LAYOUT}"
 
     def _records(self, splits: tuple[str, ...]) -> list[ImageRecord]:
-        return [record for split in splits for record in read_vtab_split(self.task_dir, split, self._hint())]
+        return [record for split in splits for record in self._split(split)]
+
+    def _split(self, split: str) -> list[ImageRecord]:
+        """One split file's records, read once: a repeated line is dropped with a warning, an image listed
+        with two labels is refused."""
+        if split not in self._split_records:
+            records = read_vtab_split(self.task_dir, split, self._hint())
+            self._split_records[split] = without_duplicates(records, self._hint())
+        return self._split_records[split]
 
     def role_splits(self) -> dict[Role, tuple[str, ...]]:
         return _ROLE_SPLITS[self.split_mode]
