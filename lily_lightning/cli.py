@@ -41,7 +41,7 @@ from .progress import PlainProgress
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
-       python -m lily_lightning prepare vtab1k --root DIR [--tasks TASK...] [--tfds-dir DIR] [--tfds-python PY]
+       python -m lily_lightning prepare vtab1k --root DIR [--tasks TASK...] [--tfds-dir DIR] [--tfds-python P]
        python -m lily_lightning prepare fgvc --root DIR --from DOWNLOADS [--datasets NAME...] [--seed N]
        python -m lily_lightning data check --root ROOT [--name TASK]
        python -m lily_lightning sweep --config CONFIG.yaml --tasks vtab|fgvc|TASK... [--methods lily lora]

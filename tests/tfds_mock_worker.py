@@ -1,4 +1,4 @@
-"""Run the VTAB-1k exporter on TFDS's own mock data: ``python tfds_mock_worker.py SPEC.json EXPORTER.py ARGS``.
+"""The VTAB-1k exporter on TFDS's own mock data: ``python tfds_mock_worker.py SPEC.json EXPORTER.py ARGS``.
 
 Runs in the TFDS venv (no lily_lightning there). SPEC.json: ``{"metadata_dir": D, "splits": {"<TFDS dataset
 spec>": {"<split>": <examples>, ...}, ...}}``. Each listed dataset gets a ``dataset_info.json`` with those

@@ -212,7 +212,7 @@ def _find_targets(root: Path, name: str | None) -> list[_Target]:
 def check_tree(
     root: str | Path, name: str | Sequence[str] | None = None, console: Console | None = None
 ) -> int:
-    """Check every task under ``root`` (or only ``name``, or each of several names) and print a table per task.
+    """Check every task under ``root`` (or only ``name``, or each of a list of names); a table per task.
 
     Returns 0 when all is well (warnings allowed), 1 when a split file is missing or malformed, an image is
     missing or does not decode, a label is out of range, or a VTAB-1k training split is not 800/200/1000

@@ -1,1 +1,1 @@
-"""`prepare vtab1k` and `prepare fgvc`: build the benchmark trees that `data check` and the DataModules read."""
+"""`prepare vtab1k` and `prepare fgvc`: build the trees `data check` and the DataModules read."""

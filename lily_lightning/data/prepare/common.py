@@ -1,4 +1,4 @@
-"""What `prepare vtab1k` and `prepare fgvc` share: is a task already complete, and the closing `data check`."""
+"""What `prepare vtab1k` and `prepare fgvc` share: is a task complete, and the closing `data check`."""
 
 from __future__ import annotations
 
@@ -29,5 +29,7 @@ def closing_check(root: Path, names: Sequence[str], not_built: dict[str, str]) -
     for message in not_built.values():
         console.print(Text.assemble(("not built: ", "bold red"), message))
     if not_built:
-        console.print(f"{len(not_built)} not built: {', '.join(not_built)}. Run the same command again after fixing them.")
+        console.print(
+            f"{len(not_built)} not built: {', '.join(not_built)}. Fix that and run the same command again."
+        )
     return 1 if not_built else code

@@ -53,7 +53,11 @@ def train_only(train_percent: int, val_percent: int) -> SplitRule:
     def splits(counts: Mapping[str, int]) -> dict[str, str]:
         train = train_percent * counts["train"] // 100
         val = val_percent * counts["train"] // 100
-        return {"train800": "train[:800]", "val200": f"train[{train}:{train + 200}]", "test": f"train[{train + val}:]"}
+        return {
+            "train800": "train[:800]",
+            "val200": f"train[{train}:{train + 200}]",
+            "test": f"train[{train + val}:]",
+        }
 
     return splits
 
@@ -64,7 +68,7 @@ def smallnorb_splits(counts: Mapping[str, int]) -> dict[str, str]:
 
 
 def _bin(value: float, thresholds: Sequence[float]) -> int:
-    """The largest i with thresholds[i] < value (VTAB's ``reduce_max(where(thrs - value < 0))``); -1 if none."""
+    """The largest i with thresholds[i] < value (VTAB: ``reduce_max(where(thrs - value < 0))``), or -1."""
     return bisect.bisect_left(thresholds, value) - 1
 
 
@@ -217,18 +221,36 @@ SOURCES: dict[str, Source] = {
             manual=_RETINOPATHY,
         ),
         # Structured.
-        Source("clevr_count", 8, "clevr:3.*.*", tail_of_train(90, test="validation"), ClevrCount()),  # clevr.py
-        Source("clevr_dist", 6, "clevr:3.*.*", tail_of_train(90, test="validation"), ClevrDistance()),  # clevr.py
+        Source(
+            "clevr_count", 8, "clevr:3.*.*", tail_of_train(90, test="validation"), ClevrCount()
+        ),  # clevr.py
+        Source(
+            "clevr_dist", 6, "clevr:3.*.*", tail_of_train(90, test="validation"), ClevrDistance()
+        ),  # clevr.py
         Source("dmlab", 6, "dmlab:2.0.1", validation_split),  # dmlab.py
         Source("kitti", 4, "kitti:3.1.0", validation_split, KittiVehicleDistance()),  # kitti.py
         Source(  # dsprites.py (label_x_position, num_classes=16)
-            "dsprites_loc", 16, "dsprites:2.*.*", train_only(80, 10), Binned("label_x_position", 32), binary_image=True
+            "dsprites_loc",
+            16,
+            "dsprites:2.*.*",
+            train_only(80, 10),
+            Binned("label_x_position", 32),
+            binary_image=True,
         ),
         Source(  # dsprites.py (label_orientation, num_classes=16)
-            "dsprites_ori", 16, "dsprites:2.*.*", train_only(80, 10), Binned("label_orientation", 40), binary_image=True
+            "dsprites_ori",
+            16,
+            "dsprites:2.*.*",
+            train_only(80, 10),
+            Binned("label_orientation", 40),
+            binary_image=True,
         ),
-        Source("smallnorb_azi", 18, "smallnorb:2.*.*", smallnorb_splits, ClassLabel("label_azimuth")),  # smallnorb.py
-        Source("smallnorb_ele", 9, "smallnorb:2.*.*", smallnorb_splits, ClassLabel("label_elevation")),  # smallnorb.py
+        Source(
+            "smallnorb_azi", 18, "smallnorb:2.*.*", smallnorb_splits, ClassLabel("label_azimuth")
+        ),  # smallnorb.py
+        Source(
+            "smallnorb_ele", 9, "smallnorb:2.*.*", smallnorb_splits, ClassLabel("label_elevation")
+        ),  # smallnorb.py
     )
 }
 
@@ -283,7 +305,9 @@ def _export_split(
             _say(f"  {source.task} {split}: {index + 1}/{expected}")
     if len(lines) != expected:
         raise ValueError(f"{source.task}: TFDS {tfds_split} gave {len(lines)} examples, expected {expected}.")
-    _say(f"  {source.task} {split}: {len(lines)} images from {tfds_split} ({time.monotonic() - started:.0f} s)")
+    _say(
+        f"  {source.task} {split}: {len(lines)} images from {tfds_split} ({time.monotonic() - started:.0f} s)"
+    )
     return lines
 
 
@@ -304,7 +328,9 @@ def export_task(source: Source, root: Path, tfds_dir: Path) -> Path:
     for split in SPLITS:
         expected = builder.info.splits[tfds_splits[split]].num_examples
         if expected != FIXED_SIZES.get(split, expected):
-            raise ValueError(f"{source.task}: TFDS {tfds_splits[split]} has {expected} examples, not {FIXED_SIZES[split]}.")
+            raise ValueError(
+                f"{source.task}: TFDS {tfds_splits[split]} has {expected} examples, not {FIXED_SIZES[split]}."
+            )
         lines[split] = _export_split(builder, source, tfds_splits[split], expected, folder, split)
     lines["train800val200"] = lines["train800"] + lines["val200"]  # the same image files, listed twice
     for split, split_lines in lines.items():
@@ -316,7 +342,7 @@ def export_task(source: Source, root: Path, tfds_dir: Path) -> Path:
 
 
 def export_tasks(tasks: Sequence[str], root: Path, tfds_dir: Path) -> dict[str, str]:
-    """Build each task in turn; returns ``{task: "built" | <why not>}``. One failure does not stop the rest."""
+    """Build each task in turn; returns ``{task: "built" | <why not>}``. A failure does not stop the rest."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     outcome = {}
     for number, task in enumerate(tasks, start=1):

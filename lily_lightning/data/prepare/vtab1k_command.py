@@ -1,4 +1,4 @@
-"""``python -m lily_lightning prepare vtab1k``: skip complete tasks, export the others in a TFDS worker, check."""
+"""``prepare vtab1k``: skip complete tasks, export the others in a TFDS worker process, then check."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from lily_lightning.paths import resolve_path
 
 TFDS_PYTHON_ENV = "LILY_TFDS_PYTHON"
 _TFDS_SETUP = (
-    "`prepare vtab1k` reads TensorFlow Datasets, which needs tensorflow-datasets and a CPU TensorFlow. Either\n"
+    "`prepare vtab1k` reads TensorFlow Datasets: it needs tensorflow-datasets and a CPU TensorFlow. Either\n"
     "  python3 -m venv .venv-tfds && .venv-tfds/bin/pip install tensorflow-cpu tensorflow-datasets\n"
     "and add `--tfds-python .venv-tfds/bin/python` (or set LILY_TFDS_PYTHON), or install them here with\n"
     "  pip install -e '.[vtab]'\n"
-    "(a separate venv is better: TensorBoard imports TensorFlow whenever it is installed, in every training run)."
+    "(a separate venv is better: TensorBoard imports TensorFlow in every training run once it is installed)."
 )
 
 
@@ -43,7 +43,7 @@ def resolve_tasks(names: Sequence[str]) -> list[str]:
 
 
 def tfds_python(given: str | None) -> str:
-    """The interpreter that runs the exporter: --tfds-python, $LILY_TFDS_PYTHON, or this one if it has TFDS."""
+    """The exporter's interpreter: --tfds-python, $LILY_TFDS_PYTHON, or this one if it has TFDS."""
     chosen = given or os.environ.get(TFDS_PYTHON_ENV)
     if chosen:
         path = resolve_path(chosen)
@@ -51,7 +51,9 @@ def tfds_python(given: str | None) -> str:
             raise UsageError(f"--tfds-python {chosen}: no such interpreter.\n{_TFDS_SETUP}")
         return str(path)
     if importlib.util.find_spec("tensorflow_datasets") is None:
-        raise UsageError(f"tensorflow-datasets is not installed in this Python ({sys.executable}).\n{_TFDS_SETUP}")
+        raise UsageError(
+            f"tensorflow-datasets is not installed in this Python ({sys.executable}).\n{_TFDS_SETUP}"
+        )
     return sys.executable
 
 
@@ -73,8 +75,8 @@ def prepare_vtab1k(root: Path, tasks: Sequence[str], tfds_dir: Path, python: str
             finished = subprocess.run(command, check=False)  # progress goes straight to the terminal
             if finished.returncode != 0 or not outcome_file.is_file():
                 raise UsageError(
-                    f"The TFDS exporter ({python}) stopped with exit code {finished.returncode} (its error is "
-                    f"above); tasks finished so far are kept. Run the same command again to go on.\n{_TFDS_SETUP}"
+                    f"The TFDS exporter ({python}) stopped with exit code {finished.returncode} (its error "
+                    f"is above); finished tasks are kept. Run the same command again to go on.\n{_TFDS_SETUP}"
                 )
             outcome = json.loads(outcome_file.read_text())
     not_built = {task: why for task, why in outcome.items() if why != "built"}
@@ -82,11 +84,11 @@ def prepare_vtab1k(root: Path, tasks: Sequence[str], tfds_dir: Path, python: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``prepare vtab1k --root R [--tasks ...] [--tfds-dir D] [--tfds-python P]``; ``argv`` follows ``vtab1k``."""
+    """``prepare vtab1k --root R [--tasks ...] [--tfds-dir D] [--tfds-python P]`` (``argv`` after vtab1k)."""
     parser = argparse.ArgumentParser(
         prog="python -m lily_lightning prepare vtab1k",
-        description="Build VTAB-1k (NOAH / RepAdapter layout) from TensorFlow Datasets, as the VTAB benchmark "
-        "defines its tasks; complete tasks are skipped, so an interrupted build goes on where it stopped.",
+        description="Build VTAB-1k (NOAH / RepAdapter layout) from TensorFlow Datasets, as the VTAB "
+        "benchmark defines its tasks; complete tasks are skipped, so an interrupted build goes on.",
     )
     parser.add_argument("--root", required=True, help="the vtab-1k folder to write, one sub-folder per task")
     parser.add_argument("--tasks", nargs="+", default=["vtab"], help="task names (default: all 19)")
