@@ -23,6 +23,8 @@ from .training.lightning_cli import run_lightning
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
+       python -m lily_lightning prepare vtab1k --root DIR [--tasks TASK...] [--tfds-dir DIR] [--tfds-python P]
+       python -m lily_lightning prepare fgvc --root DIR --from DOWNLOADS [--datasets NAME...] [--seed N]
        python -m lily_lightning data check --root ROOT [--name TASK]
        python -m lily_lightning sweep --config CONFIG.yaml --tasks vtab|fgvc|TASK... [--methods lily lora]
        python -m lily_lightning report RUNS_DIR [--out DIR]
@@ -42,8 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     _show_package_logs()
     try:
         if args[:1] == ["prepare"]:
+            if args[1:2] == ["vtab1k"]:
+                from .data.prepare.vtab1k_command import main as prepare_vtab1k_main
+
+                return prepare_vtab1k_main(args[2:])
+            if args[1:2] == ["fgvc"]:
+                from .data.prepare.fgvc import main as prepare_fgvc_main
+
+                return prepare_fgvc_main(args[2:])
             if args[1:2] != ["demo"]:
-                raise UsageError(f"unknown `prepare` target {args[1:2]}; the one target is `demo`\n{USAGE}")
+                raise UsageError(f"unknown `prepare` target {args[1:2]}; one of demo, vtab1k, fgvc\n{USAGE}")
             from .demo.prepare import main as prepare_demo_main
 
             return prepare_demo_main(args[2:])

@@ -263,8 +263,10 @@ def _find_targets(root: Path, name: str | None) -> list[_Target]:
     return targets
 
 
-def check_tree(root: str | Path, name: str | None = None, console: Console | None = None) -> int:
-    """Check every task under ``root`` (or only ``name``) and print a table per task.
+def check_tree(
+    root: str | Path, name: str | Sequence[str] | None = None, console: Console | None = None
+) -> int:
+    """Check every task under ``root`` (or only ``name``, or each of a list of names); a table per task.
 
     Returns 0 when all is well (warnings allowed), 1 when a split file is missing or malformed, an image is
     missing or does not decode, an image is listed with two labels, a label is out of range (or, in a
@@ -276,7 +278,8 @@ def check_tree(root: str | Path, name: str | None = None, console: Console | Non
     if not root.is_dir():
         raise UsageError(f"{shown_path(root)} does not exist.\n\n{VTAB_LAYOUT}\n\n{FGVC_LAYOUT}")
     failed = []
-    targets = _find_targets(root, name)
+    names = [name] if name is None or isinstance(name, str) else name
+    targets = [target for each in names for target in _find_targets(root, each)]
     for target in targets:
         if target.kind == "FGVC":
             reports, note = _check_fgvc(target.folder, target.task)
