@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from lily_lightning.data.fgvc import FGVC_LAYOUT, FGVC_SPLITS, locate_fgvc_dataset
-from lily_lightning.data.images import DECODE_ERRORS, decode_threads
+from lily_lightning.data.images import undecodable
 from lily_lightning.data.records import (
     ImageRecord,
     describe,
@@ -69,23 +67,10 @@ class _Target:
     task: VTABTask | FGVCTask | None  # None: a custom VTAB-layout task
 
 
-def _probe(path: Path) -> bool:
-    """True if the image decodes. JPEGs decode at reduced scale yet read every byte, so truncation shows."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))
-            image.load()
-    except DECODE_ERRORS:
-        return False
-    return True
-
-
 def _mark_unreadable(reports: Sequence[SplitReport]) -> None:
     # Splits overlap (train800val200 = train800 + val200): probe each existing file once.
     missing = {r.path for report in reports for r in report.missing}
-    paths = sorted({r.path for report in reports for r in report.records} - missing)
-    with ThreadPoolExecutor(decode_threads()) as pool:
-        bad = {path for path, ok in zip(paths, pool.map(_probe, paths), strict=True) if not ok}
+    bad = undecodable(sorted({r.path for report in reports for r in report.records} - missing))
     for report in reports:
         report.unreadable = [r for r in report.records if r.path in bad]
 

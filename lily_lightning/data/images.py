@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -40,6 +40,24 @@ def load_rgb(path: os.PathLike | str) -> Image.Image:
 def decode_threads() -> int:
     # PIL releases the GIL while decoding and resizing, so threads scale without forking a pool.
     return min(8, os.cpu_count() or 1)
+
+
+def decodes(path: os.PathLike | str) -> bool:
+    """True if the image decodes. JPEGs decode at reduced scale yet read every byte, so truncation shows."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+    except DECODE_ERRORS:
+        return False
+    return True
+
+
+def undecodable(paths: Iterable[os.PathLike | str]) -> set[os.PathLike | str]:
+    """The files among ``paths`` that do not decode (a damaged download, a text file named .jpg, ...)."""
+    paths = list(paths)
+    with ThreadPoolExecutor(decode_threads()) as pool:
+        return {path for path, ok in zip(paths, pool.map(decodes, paths), strict=True) if not ok}
 
 
 def collate_images(
