@@ -9,7 +9,7 @@ import io
 import logging
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -227,4 +227,25 @@ def check_fits(path: Path, checkpoint: Mapping[str, Any], model_hparams: Mapping
         + "\n  ".join(differences)
         + "\nUse the settings the checkpoint was trained with, or leave out --ckpt_path (fit: start a new "
         "run, with another trainer.default_root_dir to keep the old one)."
+    )
+
+
+def class_names_problem(
+    trained: Sequence[str] | None, given: Sequence[str] | None, given_what: str = "the data"
+) -> str | None:
+    """Why a model trained on classes ``trained`` cannot be used with ``given``'s, naming the classes that
+    differ; None when they are the same (or one side has no names: checkpoints from before class names)."""
+    if trained is None or given is None or list(trained) == list(given):
+        return None
+    only_trained = [name for name in trained if name not in set(given)]
+    only_given = [name for name in given if name not in set(trained)]
+    if not only_trained and not only_given:
+        return (
+            f"the model was trained on the same classes as {given_what} has, but in another order (its class "
+            f"ids would mean other classes): trained {list(trained)}, {given_what} {list(given)}."
+        )
+    return (
+        f"the model was trained on other classes than {given_what} has: only in the model's: "
+        f"{', '.join(only_trained) or '-'}; only in {given_what}: {', '.join(only_given) or '-'}. Use the "
+        "classes it was trained on (e.g. the same class folders), or train a new model on these."
     )

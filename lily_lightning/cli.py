@@ -40,11 +40,15 @@ from .predictions import PredictionCSVWriter
 from .progress import PlainProgress
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
+       python -m lily_lightning predict --config CONFIG.yaml --ckpt_path CKPT --data.predict_path DIR_OR_GLOB
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
        python -m lily_lightning data check --root ROOT [--name TASK]
        python -m lily_lightning sweep --config CONFIG.yaml --tasks vtab|fgvc|TASK... [--methods lily lora]
        python -m lily_lightning report RUNS_DIR [--out DIR]
        python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"""
+
+# Model settings that only say how a trained model evaluates: a command line's value beats the checkpoint's.
+EVALUATION_SETTINGS = ("lily.eval_routing", "predict_top_k")
 
 
 class LilyCLI(LightningCLI):
@@ -84,12 +88,13 @@ class LilyCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # Lightning rebuilds the model from the checkpoint's hyper-parameters, over the command line. How a
-        # trained model evaluates is no part of what it learnt: an eval_routing the command sets wins.
+        # trained model evaluates or reports is no part of what it learnt: those the command sets win.
         super()._parse_ckpt_path()
-        key = f"{self.config.get('subcommand')}.model.lily.eval_routing"
-        eval_routing = self.explicit_config.get(key)
-        if eval_routing is not None:
-            self.config[key] = eval_routing
+        for setting in EVALUATION_SETTINGS:
+            key = f"{self.config.get('subcommand')}.model.{setting}"
+            value = self.explicit_config.get(key)
+            if value is not None:
+                self.config[key] = value
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})

@@ -4,6 +4,12 @@ The model is built exactly as ``test`` builds it (config files, overrides, the c
 hyper-parameters), merged (:func:`lily_lightning.merge`) and written with timm's key names. With no ``mlp``
 site left the file is a plain timm checkpoint; with one, it also holds that side branch's tensors, and
 :func:`load_exported` (or timm plus ``inject``, as the file's metadata says) loads it.
+
+The metadata also holds the class names and the eval preprocessing as timm's own ``pretrained_cfg`` fields
+(``label_names``, ``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``), so a
+model loaded by plain timm (the ``load`` line) or :func:`load_exported` names its classes
+(``model.pretrained_cfg["label_names"]``) and ``timm.data.create_transform(**timm.data.resolve_data_config(
+model=model))`` is its eval transform.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser
 from safetensors import safe_open
 from safetensors.torch import load_file, save
+from timm.data import resolve_data_config
 from torch import nn
 
 from .adapters import LilyConfig, LoRAConfig
@@ -40,11 +47,36 @@ def _side_sites(vit: nn.Module) -> list[str]:
     return sorted({branch.site for site in adapted_sites(vit) for branch in site.branches})
 
 
-def _timm_snippet(path: str, name: str, num_classes: int, img_size: int | tuple[int, int]) -> str:
+def _timm_snippet(
+    path: str, name: str, num_classes: int, img_size: int | tuple[int, int], overlay: dict[str, Any]
+) -> str:
+    fields = "".join(f", {key}={value!r}" for key, value in overlay.items())
     return (
         f"timm.create_model({name!r}, pretrained=True, num_classes={num_classes}, img_size={img_size!r}, "
-        f"pretrained_cfg_overlay=dict(file={path!r}, num_classes={num_classes}))"
+        f"pretrained_cfg_overlay=dict(file={path!r}, num_classes={num_classes}{fields}))"
     )
+
+
+def inference_config(classifier: ViTClassifier) -> dict[str, Any]:
+    """The model's eval preprocessing as timm ``pretrained_cfg`` fields: the data module's data config (saved
+    with the checkpoint; else the backbone's at the model's input size) plus the model's normalisation."""
+    vit = classifier.model
+    data_config = classifier.data_config or resolve_data_config({}, model=vit)
+    height, width = vit.patch_embed.img_size
+    mean, std = ([round(v, 6) for v in t.flatten().tolist()] for t in (classifier.mean, classifier.std))
+    return {
+        "input_size": (3, height, width),
+        "interpolation": data_config["interpolation"],
+        "crop_pct": data_config["crop_pct"],
+        "crop_mode": data_config["crop_mode"],
+        "mean": tuple(mean),
+        "std": tuple(std),
+    }
+
+
+def pretrained_cfg_overlay(class_names: list[str], config: dict[str, Any]) -> dict[str, Any]:
+    """timm ``pretrained_cfg`` fields naming the classes and describing the eval preprocessing."""
+    return {"label_names": list(class_names), **config}
 
 
 def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
@@ -60,7 +92,8 @@ def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
     height, width = vit.patch_embed.img_size
     img_size: int | tuple[int, int] = height if height == width else (height, width)
     name, num_classes = classifier.hparams.backbone, vit.num_classes
-    mean, std = ([round(v, 6) for v in t.flatten().tolist()] for t in (classifier.mean, classifier.std))
+    preprocessing = inference_config(classifier)
+    mean, std = list(preprocessing["mean"]), list(preprocessing["std"])
     if classifier.hparams.normalize == "none":
         inputs = "RGB pixels in [0, 1], not normalised"
     else:
@@ -74,6 +107,8 @@ def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
         "input_mean": json.dumps(mean),
         "input_std": json.dumps(std),
         "side_branches": json.dumps(sides),
+        "class_names": json.dumps(classifier.class_names),
+        "data_config": json.dumps(preprocessing),
     }
     if sides:
         method = classifier.method
@@ -86,22 +121,33 @@ def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
             f"lily_lightning.export.load_exported({str(out)!r})"
         )
     else:
-        metadata["load"] = "import timm; " + _timm_snippet(str(out), name, num_classes, img_size)
+        overlay = pretrained_cfg_overlay(classifier.class_names, preprocessing)
+        metadata["load"] = "import timm; " + _timm_snippet(str(out), name, num_classes, img_size, overlay)
     write_atomically(out, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
     return metadata
 
 
 def load_exported(path: str | Path) -> nn.Module:
-    """The timm model (in eval mode) that :func:`export_model` wrote to ``path``, side branches included."""
+    """The timm model (in eval mode) that :func:`export_model` wrote to ``path``, side branches included.
+
+    Its ``pretrained_cfg`` names the classes (``label_names``) and holds the eval preprocessing, as the
+    plain-timm ``load`` line's does: ``timm.data.resolve_data_config(model=model)`` gives it back.
+    """
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != FORMAT:
         raise UsageError(f"{path} is not a lily_lightning export (format {metadata.get('format')!r})")
+    overlay = {}
+    if "class_names" in metadata:  # exports from before class names have neither
+        overlay = pretrained_cfg_overlay(
+            json.loads(metadata["class_names"]), json.loads(metadata["data_config"])
+        )
     model = timm.create_model(
         metadata["timm_model"],
         pretrained=False,
         num_classes=int(metadata["num_classes"]),
         img_size=json.loads(metadata["img_size"]),
+        pretrained_cfg_overlay=overlay,
     )
     tensors = load_file(str(path))
     adapters = {k: v for k, v in tensors.items() if k.startswith(f"{ADAPTERS_ATTR}.")}
