@@ -24,6 +24,7 @@ from torch import nn
 from .adapters import LilyAdapter, LilyConfig, LoRAConfig
 from .inject import ADAPTERS_ATTR, adapted_vit
 from .state import count_backbone_parameters
+from .training.confusion import confusion_matrix_figure as confusion_matrix_figure  # `test` draws it too
 
 RunDirs = Path | str | Sequence[Path | str] | Mapping[str, Path | str]
 

@@ -1,4 +1,4 @@
-"""`lily-lightning data check`: is a VTAB-1k / FGVC tree complete and readable? Answers in seconds."""
+"""`lily-lightning data check`: is a VTAB-1k / FGVC / class-folder tree complete and readable? In seconds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from lily_lightning.data.discover import describe_skipped
 from lily_lightning.data.fgvc import FGVC_LAYOUT, FGVC_SPLITS, locate_fgvc_dataset
+from lily_lightning.data.imagefolder import IMAGE_FOLDER_LAYOUT, looks_like_image_folders, scan_image_folders
 from lily_lightning.data.images import undecodable
 from lily_lightning.data.records import (
     ImageRecord,
@@ -62,7 +64,7 @@ class SplitReport:
 
 @dataclass(frozen=True)
 class _Target:
-    kind: str  # "VTAB-1k" or "FGVC"
+    kind: str  # "VTAB-1k", "FGVC" or IMAGE_FOLDERS
     folder: Path
     task: VTABTask | FGVCTask | None  # None: a custom VTAB-layout task
 
@@ -166,7 +168,50 @@ def _looks_like_vtab(folder: Path) -> bool:
     return any((folder / f"{split}.txt").is_file() for split in VTAB_SPLITS)
 
 
+IMAGE_FOLDERS = "Image folders"
+
+
+def _check_image_folders(root: Path, console: Console) -> bool:
+    """Classes, images per class and split, skipped files, classes missing from a split; True if unusable."""
+    try:
+        scan = scan_image_folders(root)
+    except UsageError as err:
+        console.print(f"{IMAGE_FOLDERS} {root}: [bold red]FAIL[/]")
+        console.print(str(err), markup=False, highlight=False)
+        return True
+    scan.drop_undecodable()
+    splits = list(scan.sources)
+    drawn = [split for split in ("val", "test") if split not in scan.sources]
+    note = f"; {' and '.join(drawn)} drawn from train at fit (stratified)" if drawn else ""
+    table = Table(
+        title=f"{IMAGE_FOLDERS} ({len(scan.class_names)} classes{note}): {root}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("class", no_wrap=True)
+    for split in splits:
+        table.add_column(scan.sources[split], justify="right")
+    counts = {split: scan.images_per_class(split) for split in splits}
+    for index, name in enumerate(scan.class_names):
+        table.add_row(name, *(str(counts[split][index]) for split in splits))
+    table.add_row("total", *(str(sum(counts[split])) for split in splits), style="bold")
+    console.print(table)
+    if scan.skipped:
+        console.print(describe_skipped(scan.skipped, root), markup=False, highlight=False)
+    for split in splits:
+        absent = [name for name, count in zip(scan.class_names, counts[split], strict=True) if not count]
+        if absent:
+            console.print(f"classes missing from {scan.sources[split]}: {', '.join(absent)}", markup=False)
+    return 0 in counts["train"]  # a class whose every training image was skipped cannot be learnt
+
+
 def _find_targets(root: Path, name: str | None) -> list[_Target]:
+    if name is not None and looks_like_image_folders(root / name):
+        return [_Target(IMAGE_FOLDERS, root / name, None)]
+    if name is None and looks_like_image_folders(root):
+        return [_Target(IMAGE_FOLDERS, root, None)]
     if name is not None:
         fgvc, vtab = fgvc_task(name), vtab_task(name)
         if fgvc is not None:
@@ -189,7 +234,8 @@ def _find_targets(root: Path, name: str | None) -> list[_Target]:
             break
     if not targets:
         raise UsageError(
-            f"Found no VTAB-1k task or FGVC dataset in {root}.\n\n{VTAB_LAYOUT}\n\n{FGVC_LAYOUT}"
+            f"Found no VTAB-1k task, FGVC dataset or class folders in {root}.\n\n{VTAB_LAYOUT}\n\n"
+            f"{FGVC_LAYOUT}\n\n{IMAGE_FOLDER_LAYOUT}"
         )
     return targets
 
@@ -199,7 +245,8 @@ def check_tree(root: str | Path, name: str | None = None, console: Console | Non
 
     Returns 0 when all is well (warnings allowed), 1 when a split file is missing or malformed, an image is
     missing or does not decode, a label is out of range, or a VTAB-1k training split is not 800/200/1000
-    images.
+    images; for class folders (which skip files that are not readable images, and list them), when the tree
+    cannot be read or a class has no readable training image.
     Raises UsageError when ``root`` or ``name`` cannot be found.
     """
     console = console or Console()
@@ -209,6 +256,10 @@ def check_tree(root: str | Path, name: str | None = None, console: Console | Non
     failed = []
     targets = _find_targets(root, name)
     for target in targets:
+        if target.kind == IMAGE_FOLDERS:
+            if _check_image_folders(target.folder, console):
+                failed.append(target.folder.name)
+            continue
         if target.kind == "FGVC":
             reports, note = _check_fgvc(target.folder, target.task)
         else:
@@ -233,9 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``lily-lightning data check --root R [--name N]``; returns the exit code (2 for unusable arguments)."""
     parser = argparse.ArgumentParser(
         prog="lily-lightning data check",
-        description="Verify a VTAB-1k or FGVC data tree: split sizes, label range, every image decodes.",
+        description="Verify a VTAB-1k, FGVC or class-folder tree: split sizes, labels, every image decodes.",
     )
-    parser.add_argument("--root", required=True, help="the vtab-1k folder, the FGVC root, or one task folder")
+    parser.add_argument(
+        "--root",
+        required=True,
+        help="the vtab-1k folder, the FGVC root, one task folder, or class folders' root",
+    )
     parser.add_argument("--name", default=None, help="check only this task (default: every task under root)")
     args = parser.parse_args(argv)
     try:
