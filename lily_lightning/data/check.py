@@ -177,19 +177,16 @@ def _check_image_folders(root: Path, console: Console) -> bool:
         scan = scan_image_folders(root)
     except UsageError as err:
         console.print(f"{IMAGE_FOLDERS} {root}: [bold red]FAIL[/]")
-        console.print(str(err), markup=False, highlight=False)
+        console.print(str(err), markup=False, highlight=False, soft_wrap=True)
         return True
     scan.drop_undecodable()
     splits = list(scan.sources)
     drawn = [split for split in ("val", "test") if split not in scan.sources]
     note = f"; {' and '.join(drawn)} drawn from train at fit (stratified)" if drawn else ""
-    table = Table(
-        title=f"{IMAGE_FOLDERS} ({len(scan.class_names)} classes{note}): {root}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
+    # The title on its own line: a table title wraps at the (narrow) table's width.
+    title = f"{IMAGE_FOLDERS} ({len(scan.class_names)} classes{note}): {root}"
+    console.print(title, markup=False, highlight=False, soft_wrap=True)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("class", no_wrap=True)
     for split in splits:
         table.add_column(scan.sources[split], justify="right")
@@ -199,11 +196,12 @@ def _check_image_folders(root: Path, console: Console) -> bool:
     table.add_row("total", *(str(sum(counts[split])) for split in splits), style="bold")
     console.print(table)
     if scan.skipped:
-        console.print(describe_skipped(scan.skipped, root), markup=False, highlight=False)
+        console.print(describe_skipped(scan.skipped, root), markup=False, highlight=False, soft_wrap=True)
     for split in splits:
         absent = [name for name, count in zip(scan.class_names, counts[split], strict=True) if not count]
         if absent:
-            console.print(f"classes missing from {scan.sources[split]}: {', '.join(absent)}", markup=False)
+            missing = f"classes missing from {scan.sources[split]}: {', '.join(absent)}"
+            console.print(missing, markup=False, highlight=False, soft_wrap=True)
     return 0 in counts["train"]  # a class whose every training image was skipped cannot be learnt
 
 

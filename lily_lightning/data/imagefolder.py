@@ -80,7 +80,8 @@ def _folder_split(
     split_dir: Path, classes: Sequence[str], index: Mapping[str, int]
 ) -> tuple[list[ImageRecord], list[SkippedFile]]:
     records: list[ImageRecord] = []
-    skipped = [SkippedFile(p, NOT_IN_A_CLASS_FOLDER) for p in sorted(split_dir.iterdir()) if p.is_file()]
+    loose, skipped = split_by_name(p for p in sorted(split_dir.iterdir()) if p.is_file())
+    skipped += [SkippedFile(p, NOT_IN_A_CLASS_FOLDER) for p in loose]
     for name in classes:
         images, not_images = split_by_name(walk_files(split_dir / name))
         records += [ImageRecord(path, index[name], f"{split_dir.name}/{name}") for path in images]
