@@ -211,10 +211,20 @@ def mismatched_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
     ]
 
 
-def check_fits(path: Path, checkpoint: Mapping[str, Any], model_hparams: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint whose trainable tensors were shaped by other settings than this model's."""
-    differences = mismatched_settings(checkpoint.get("hyper_parameters") or {}, model_hparams)
+def check_fits(
+    path: Path,
+    checkpoint: Mapping[str, Any],
+    model_hparams: Mapping[str, Any],
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """Refuse a checkpoint whose trainable tensors were shaped by other settings than this model's, or
+    that was trained on other classes than ``class_names`` (the data's)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    differences = mismatched_settings(saved, model_hparams)
     if not differences:
+        problem = class_names_problem(saved.get("class_names"), class_names)
+        if problem:
+            raise UsageError(f"checkpoint {path}: {problem}")
         return
     classes = any(d.startswith("model.num_classes") for d in differences)
     why = (

@@ -132,7 +132,9 @@ class LilyCLI(LightningCLI):
         ckpt_path = self._get(self.config_init, "ckpt_path")
         path = resolve_checkpoint(self.subcommand, ckpt_path, checkpoint_dir)
         if path is not None:
-            check_fits(path, read_checkpoint(path), self.model.hparams)
+            check_fits(
+                path, read_checkpoint(path), self.model.hparams, getattr(self.datamodule, "class_names", None)
+            )
         elif self.subcommand == "fit" and (checkpoint_dir / LAST).is_file():
             logging.getLogger("lily_lightning").warning(
                 "Starting a new run: %s of an earlier run will be overwritten when this one ends its first "
