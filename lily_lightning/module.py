@@ -384,6 +384,8 @@ class ViTClassifier(L.LightningModule):
         problem = class_names_problem(trained, self.hparams.class_names)
         if problem:
             raise UsageError(f"checkpoint: {problem}")
+        if self.hparams.class_names is None and trained is not None:  # e.g. `export` (no data setup)
+            self.hparams.class_names = list(trained)
         self.data_config = self.data_config or checkpoint.get("data_config")
         current = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         expected = {k: current[k] for k in self._saved_keys()}

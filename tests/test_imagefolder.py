@@ -239,9 +239,7 @@ def test_test_predict_export_and_plain_timm_agree(
             probs = model(transform(image).unsqueeze(0)).softmax(-1)[0].tolist()
             assert probs == pytest.approx(expected, abs=1e-4), file
     exported = tmp_path / "model.safetensors"
-    assert (
-        main(["export", "--config", str(config), "--ckpt_path", str(checkpoint), "--out", str(exported)]) == 0
-    )
+    assert main(["export", "--config", str(config), "--ckpt_path", "last", "--out", str(exported)]) == 0
     assert load_classifier(exported).class_names == names
     run_timm = subprocess.run(
         [sys.executable, "-c", PLAIN_TIMM, str(exported), str(new), *cli_probs],

@@ -232,7 +232,7 @@ def _find_targets(root: Path, name: str | None) -> list[_Target]:
             break
     if not targets:
         raise UsageError(
-            f"Found no VTAB-1k task, FGVC dataset or class folders in {root}.\n\n{VTAB_LAYOUT}\n\n"
+            f"Found no VTAB-1k task or FGVC dataset (nor class folders) in {root}.\n\n{VTAB_LAYOUT}\n\n"
             f"{FGVC_LAYOUT}\n\n{IMAGE_FOLDER_LAYOUT}"
         )
     return targets
