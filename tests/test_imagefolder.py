@@ -30,6 +30,7 @@ from lily_lightning.data.transforms import (
     timm_eval_transform,
     vtab_transform,
 )
+from lily_lightning.module import ViTClassifier
 
 # Classes as folders, with how many readable training images each gets; fox and owl are small.
 CLASSES = {"cat": 14, "dog": 14, "fox": 5, "owl": 3}
@@ -285,6 +286,21 @@ def test_checkpoint_refuses_a_tree_with_other_classes(
         err = capsys.readouterr().err
         assert "only in the model's: fox; only in the data: emu" in err, err
         assert "Traceback" not in err
+
+
+def test_model_from_python_refuses_a_checkpoint_of_other_classes() -> None:
+    # Outside the CLI the model has the data's class names (given, or taken at setup); loading compares.
+    model = ViTClassifier(
+        "vit_tiny_patch16_224",
+        num_classes=3,
+        pretrained=False,
+        img_size=32,
+        class_names=["cat", "dog", "emu"],
+    )
+    for trained, message in ((["cat", "dog", "fox"], "only in the model's: fox; only in the data: emu"),
+                             (["dog", "cat", "emu"], "in another order")):  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            model.on_load_checkpoint({"hyper_parameters": {"class_names": trained}, "state_dict": {}})
 
 
 def test_data_check_lists_classes_splits_and_skipped_files(tree: Path) -> None:
