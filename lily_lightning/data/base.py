@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
@@ -149,4 +150,7 @@ class SplitDataModule(L.LightningDataModule, ABC):
         if role == "predict" and self.predict_path is not None:
             self.dataset(role)
             return self._predict_files
-        return [r.path.relative_to(self.data_folder).as_posix() for r in self.dataset(role).records]
+        # relpath: a CSV may name images outside the folder (shown as ../...).
+        return [
+            Path(os.path.relpath(r.path, self.data_folder)).as_posix() for r in self.dataset(role).records
+        ]
