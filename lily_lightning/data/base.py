@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lily_lightning.data.discover import find_predict_images
+from lily_lightning.data.discover import find_predict_images, relative_posix
 from lily_lightning.data.images import ImageListDataset, collate_images
 from lily_lightning.data.sampling import EpochShuffleSampler, GlobalBatchSampler, process_group
 from lily_lightning.data.transforms import DataConfig, timm_eval_transform
@@ -150,7 +149,4 @@ class SplitDataModule(L.LightningDataModule, ABC):
         if role == "predict" and self.predict_path is not None:
             self.dataset(role)
             return self._predict_files
-        # relpath: a CSV may name images outside the folder (shown as ../...).
-        return [
-            Path(os.path.relpath(r.path, self.data_folder)).as_posix() for r in self.dataset(role).records
-        ]
+        return [relative_posix(r.path, self.data_folder) for r in self.dataset(role).records]

@@ -32,6 +32,11 @@ class SkippedFile:
     reason: str
 
 
+def relative_posix(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder``, with / (``../`` for a file outside it, which a CSV may name)."""
+    return Path(os.path.relpath(path, folder)).as_posix()
+
+
 def is_image_name(path: Path) -> bool:
     """An image by its name: torchvision ``ImageFolder``'s extensions, in any case (``.JPG`` too)."""
     return path.suffix.lower() in IMG_EXTENSIONS

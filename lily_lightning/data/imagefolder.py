@@ -21,6 +21,7 @@ from lily_lightning.data.discover import (
     describe_skipped,
     drop_undecodable,
     is_image_name,
+    relative_posix,
     split_by_name,
     walk_files,
 )
@@ -228,10 +229,6 @@ def stratified_split(
     return {role: sorted(share, key=lambda r: r.path) for role, share in shares.items()}
 
 
-def _relative(path: Path, root: Path) -> str:
-    return Path(os.path.relpath(path, root)).as_posix()
-
-
 def write_split_file(path: Path, roles: Mapping[str, Sequence[ImageRecord]], scan: ImageFolderScan) -> None:
     """``split,file,class`` rows (``file`` relative to the root) for the images of the training source."""
     train_files = {r.path for r in scan.splits["train"]}
@@ -241,13 +238,13 @@ def write_split_file(path: Path, roles: Mapping[str, Sequence[ImageRecord]], sca
     for role, records in roles.items():
         for r in records:
             if r.path in train_files:
-                writer.writerow((role, _relative(r.path, scan.root), scan.class_names[r.label]))
+                writer.writerow((role, relative_posix(r.path, scan.root), scan.class_names[r.label]))
     write_atomically(path, buffer.getvalue().encode())
 
 
 def read_split_file(path: Path, scan: ImageFolderScan) -> dict[str, list[ImageRecord]]:
     """The roles a split file gave the training source's images; images added since then train."""
-    by_file = {_relative(r.path, scan.root): r for r in scan.splits["train"]}
+    by_file = {relative_posix(r.path, scan.root): r for r in scan.splits["train"]}
     roles: dict[str, list[ImageRecord]] = {"train": [], "val": [], "test": []}
     missing = []
     for row in csv.DictReader(io.StringIO(path.read_text())):
