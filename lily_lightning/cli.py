@@ -22,6 +22,7 @@ from .paths import resolve_path, shown_path
 from .training.lightning_cli import run_lightning
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
+       python -m lily_lightning predict --config CONFIG.yaml --ckpt_path CKPT --data.predict_path DIR_OR_GLOB
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
        python -m lily_lightning prepare vtab1k --root DIR [--tasks TASK...] [--tfds-dir DIR] [--tfds-python P]
        python -m lily_lightning prepare fgvc --root DIR --from DOWNLOADS [--datasets NAME...] [--seed N]

@@ -1,10 +1,11 @@
-"""VTAB-1k and FGVC DataModules, task tables, `data check`, and a synthetic task writer.
+"""VTAB-1k, FGVC and image-folder DataModules, task tables, `data check`, and a synthetic task writer.
 
-Both DataModules yield float32 images in [0, 1]; the model normalises them (``model.normalize``).
+The DataModules yield float32 images in [0, 1]; the model normalises them (``model.normalize``).
 """
 
 from lily_lightning.data.check import check_tree
 from lily_lightning.data.fgvc import FGVCDataModule
+from lily_lightning.data.imagefolder import ImageFolderDataModule
 from lily_lightning.data.synthetic import write_synthetic_vtab_task
 from lily_lightning.data.tasks import (
     FGVC_TASKS,
@@ -24,6 +25,7 @@ __all__ = [
     "VTAB_TASKS",
     "FGVCDataModule",
     "FGVCTask",
+    "ImageFolderDataModule",
     "VTAB1kDataModule",
     "VTABTask",
     "check_tree",

@@ -1,27 +1,31 @@
-"""Loader plumbing shared by the VTAB-1k and FGVC DataModules."""
+"""Loader plumbing shared by the DataModules (VTAB-1k, FGVC, image folders), and predicting new images."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lily_lightning.data.images import collate_images
+from lily_lightning.data.discover import find_predict_images, relative_posix
+from lily_lightning.data.images import ImageListDataset, collate_images
 from lily_lightning.data.sampling import EpochShuffleSampler, GlobalBatchSampler, process_group
+from lily_lightning.data.transforms import DataConfig, timm_eval_transform
 from lily_lightning.errors import UsageError
 
-Role = Literal["train", "val", "test"]
+Role = Literal["train", "val", "test", "predict"]
 
 _STAGE_ROLES: dict[str | None, tuple[Role, ...]] = {
     "fit": ("train", "val"),
     "validate": ("val",),
     "test": ("test",),
-    "predict": ("test",),
+    "predict": ("predict",),
     None: ("train", "val", "test"),
 }
 
@@ -34,9 +38,18 @@ class SplitDataModule(L.LightningDataModule, ABC):
 
     Subclasses say which split files feed each role (:meth:`role_splits`) and build the datasets
     (:meth:`make_dataset`); a dataset is built once, on first use, and shared by roles reading the same files.
+    They also say how they preprocess for evaluation, as a timm data config (:attr:`data_config`), and
+    name their classes (:attr:`class_names`).
+
+    ``predict`` reads the test split, or with ``predict_path`` new, unlabelled images: a folder (any depth),
+    a file or a glob, through the evaluation transform; files that are not readable images are skipped.
     """
 
-    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int):
+    class_names: list[str]
+
+    def __init__(
+        self, batch_size: int, eval_batch_size: int, num_workers: int, predict_path: str | None = None
+    ):
         super().__init__()
         for name, value, least in (
             ("batch_size", batch_size, 1),
@@ -48,6 +61,8 @@ class SplitDataModule(L.LightningDataModule, ABC):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.predict_path = predict_path
+        self._predict_files: list[str] = []
         self._datasets: dict[tuple[tuple[str, ...], bool], Dataset] = {}
 
     @abstractmethod
@@ -58,7 +73,20 @@ class SplitDataModule(L.LightningDataModule, ABC):
     def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
         """Validate the split files and build their dataset (``train`` selects the training transform)."""
 
+    @property
+    @abstractmethod
+    def data_config(self) -> DataConfig:
+        """The evaluation preprocessing as a timm data config (``input_size``, ``interpolation``,
+        ``crop_pct``, ``crop_mode``): predict, the Python loader and ``export`` rebuild the eval transform
+        from it."""
+
+    def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> uint8 ``(3, H, W)``: the eval transform, built by timm from :attr:`data_config`."""
+        return timm_eval_transform(self.data_config)
+
     def dataset(self, role: Role) -> Dataset:
+        if role == "predict":
+            return self.dataset("test") if self.predict_path is None else self._predict_dataset()
         splits = self.role_splits()[role]
         key = (splits, role == "train")
         if key not in self._datasets:
@@ -101,7 +129,14 @@ class SplitDataModule(L.LightningDataModule, ABC):
         return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False, drop_last=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        return self._loader(self.dataset("predict"), self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def _predict_dataset(self) -> Dataset:
+        key = (("predict_path",), False)
+        if key not in self._datasets:
+            records, self._predict_files, _ = find_predict_images(str(self.predict_path))
+            self._datasets[key] = ImageListDataset(records, self.eval_transform())
+        return self._datasets[key]
 
     @property
     @abstractmethod
@@ -109,5 +144,9 @@ class SplitDataModule(L.LightningDataModule, ABC):
         """The folder the split files name images relative to (the task folder)."""
 
     def image_files(self, role: Role) -> list[str]:
-        """The images ``role`` reads, in loader order, as paths relative to :attr:`data_folder`."""
-        return [r.path.relative_to(self.data_folder).as_posix() for r in self.dataset(role).records]
+        """The images ``role`` reads, in loader order, as paths relative to :attr:`data_folder` (predicting
+        ``predict_path``: relative to that folder, or as its glob matched them)."""
+        if role == "predict" and self.predict_path is not None:
+            self.dataset(role)
+            return self._predict_files
+        return [relative_posix(r.path, self.data_folder) for r in self.dataset(role).records]

@@ -1,11 +1,10 @@
-"""`lily-lightning data check`: is a VTAB-1k / FGVC tree complete and readable? Answers in seconds."""
+"""`lily-lightning data check`: is a VTAB-1k / FGVC / class-folder tree complete and readable? In seconds."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +12,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from lily_lightning.data.discover import describe_skipped
 from lily_lightning.data.fgvc import FGVC_LAYOUT, FGVC_SPLITS, locate_fgvc_dataset
-from lily_lightning.data.images import UndecodableImage, decode_rgb, decode_threads
+from lily_lightning.data.imagefolder import IMAGE_FOLDER_LAYOUT, looks_like_image_folders, scan_image_folders
+from lily_lightning.data.images import undecodable
 from lily_lightning.data.records import (
     ImageRecord,
     describe,
@@ -81,27 +82,15 @@ class SplitReport:
 
 @dataclass(frozen=True)
 class _Target:
-    kind: str  # "VTAB-1k" or "FGVC"
+    kind: str  # "VTAB-1k", "FGVC" or IMAGE_FOLDERS
     folder: Path
     task: VTABTask | FGVCTask | None  # None: a custom VTAB-layout task
-
-
-def _probe(path: Path) -> str | None:
-    """Why the image does not decode as the datasets decode it, or None. JPEGs decode at reduced scale yet
-    read every byte, so truncation shows."""
-    try:
-        decode_rgb(path, draft_size=(64, 64))
-    except UndecodableImage as err:
-        return str(err)
-    return None
 
 
 def _mark_unreadable(reports: Sequence[SplitReport]) -> None:
     # Splits overlap (train800val200 = train800 + val200): probe each existing file once.
     missing = {r.path for report in reports for r in report.missing}
-    paths = sorted({r.path for report in reports for r in report.records} - missing)
-    with ThreadPoolExecutor(decode_threads()) as pool:
-        reasons = dict(zip(paths, pool.map(_probe, paths), strict=True))
+    reasons = undecodable(sorted({r.path for report in reports for r in report.records} - missing))
     for report in reports:
         report.unreadable = {r: why for r in report.records if (why := reasons.get(r.path)) is not None}
 
@@ -235,7 +224,48 @@ def _looks_like_vtab(folder: Path) -> bool:
     return any((folder / f"{split}.txt").is_file() for split in VTAB_SPLITS)
 
 
+IMAGE_FOLDERS = "Image folders"
+
+
+def _check_image_folders(root: Path, console: Console) -> bool:
+    """Classes, images per class and split, skipped files, classes missing from a split; True if unusable."""
+    try:
+        scan = scan_image_folders(root)
+    except UsageError as err:
+        console.print(f"{IMAGE_FOLDERS} {root}: [bold red]FAIL[/]")
+        console.print(str(err), markup=False, highlight=False, soft_wrap=True)
+        return True
+    scan.drop_undecodable()
+    splits = list(scan.sources)
+    drawn = [split for split in ("val", "test") if split not in scan.sources]
+    note = f"; {' and '.join(drawn)} drawn from train at fit (stratified)" if drawn else ""
+    # The title on its own line: a table title wraps at the (narrow) table's width.
+    title = f"{IMAGE_FOLDERS} ({len(scan.class_names)} classes{note}): {root}"
+    console.print(title, markup=False, highlight=False, soft_wrap=True)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("class", no_wrap=True)
+    for split in splits:
+        table.add_column(scan.sources[split], justify="right")
+    counts = {split: scan.images_per_class(split) for split in splits}
+    for index, name in enumerate(scan.class_names):
+        table.add_row(name, *(str(counts[split][index]) for split in splits))
+    table.add_row("total", *(str(sum(counts[split])) for split in splits), style="bold")
+    console.print(table)
+    if scan.skipped:
+        console.print(describe_skipped(scan.skipped, root), markup=False, highlight=False, soft_wrap=True)
+    for split in splits:
+        absent = [name for name, count in zip(scan.class_names, counts[split], strict=True) if not count]
+        if absent:
+            missing = f"classes missing from {scan.sources[split]}: {', '.join(absent)}"
+            console.print(missing, markup=False, highlight=False, soft_wrap=True)
+    return 0 in counts["train"]  # a class whose every training image was skipped cannot be learnt
+
+
 def _find_targets(root: Path, name: str | None) -> list[_Target]:
+    if name is not None and looks_like_image_folders(root / name):
+        return [_Target(IMAGE_FOLDERS, root / name, None)]
+    if name is None and looks_like_image_folders(root):
+        return [_Target(IMAGE_FOLDERS, root, None)]
     if name is not None:
         fgvc, vtab = fgvc_task(name), vtab_task(name)
         if fgvc is not None:
@@ -258,7 +288,8 @@ def _find_targets(root: Path, name: str | None) -> list[_Target]:
             break
     if not targets:
         raise UsageError(
-            f"Found no VTAB-1k task or FGVC dataset in {root}.\n\n{VTAB_LAYOUT}\n\n{FGVC_LAYOUT}"
+            f"Found no VTAB-1k task or FGVC dataset (nor class folders) in {root}.\n\n{VTAB_LAYOUT}\n\n"
+            f"{FGVC_LAYOUT}\n\n{IMAGE_FOLDER_LAYOUT}"
         )
     return targets
 
@@ -270,7 +301,9 @@ def check_tree(
 
     Returns 0 when all is well (warnings allowed), 1 when a split file is missing or malformed, an image is
     missing or does not decode, an image is listed with two labels, a label is out of range (or, in a
-    custom task, no training image has it), or a VTAB-1k training split is not 800/200/1000 images.
+    custom task, no training image has it), or a VTAB-1k training split is not 800/200/1000 images; for class
+    folders (which skip files that are not readable images, and list them), when the tree cannot be read or a
+    class has no readable training image.
     Raises UsageError when ``root`` or ``name`` cannot be found.
     """
     console = console or Console()
@@ -281,6 +314,10 @@ def check_tree(
     names = [name] if name is None or isinstance(name, str) else name
     targets = [target for each in names for target in _find_targets(root, each)]
     for target in targets:
+        if target.kind == IMAGE_FOLDERS:
+            if _check_image_folders(target.folder, console):
+                failed.append(target.folder.name)
+            continue
         if target.kind == "FGVC":
             reports, note = _check_fgvc(target.folder, target.task)
         else:
@@ -305,9 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``lily-lightning data check --root R [--name N]``; returns the exit code (2 for unusable arguments)."""
     parser = argparse.ArgumentParser(
         prog="lily-lightning data check",
-        description="Verify a VTAB-1k or FGVC data tree: split sizes, label range, every image decodes.",
+        description="Verify a VTAB-1k, FGVC or class-folder tree: split sizes, labels, every image decodes.",
     )
-    parser.add_argument("--root", required=True, help="the vtab-1k folder, the FGVC root, or one task folder")
+    parser.add_argument(
+        "--root",
+        required=True,
+        help="the vtab-1k folder, the FGVC root, one task folder, or class folders' root",
+    )
     parser.add_argument("--name", default=None, help="check only this task (default: every task under root)")
     args = parser.parse_args(argv)
     try:

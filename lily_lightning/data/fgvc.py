@@ -12,7 +12,12 @@ from lily_lightning.data.base import Role, SplitDataModule
 from lily_lightning.data.images import ImageListDataset
 from lily_lightning.data.records import ImageRecord, read_json_split, validate, without_duplicates
 from lily_lightning.data.tasks import FGVC_TASKS, FGVCTask, require_fgvc_task
-from lily_lightning.data.transforms import fgvc_eval_transform, fgvc_train_transform
+from lily_lightning.data.transforms import (
+    DataConfig,
+    fgvc_data_config,
+    fgvc_eval_transform,
+    fgvc_train_transform,
+)
 from lily_lightning.errors import UsageError
 from lily_lightning.paths import resolve_path, shown_path
 
@@ -56,6 +61,23 @@ def locate_fgvc_dataset(root: str | Path, task: FGVCTask) -> Path:
 def read_fgvc_splits(dataset_dir: Path, task: FGVCTask) -> dict[str, list[ImageRecord]]:
     """All three splits, class ids mapped to 0..num_classes-1 in sorted order, the same way in every split;
     a key repeated in a json file is dropped with a warning, or refused if its class ids differ."""
+    return _read_fgvc_splits(dataset_dir, task)[0]
+
+
+def fgvc_class_names(records: list[ImageRecord], image_root: Path, class_ids: list[int]) -> list[str]:
+    """Each class's folder name when the dataset sorts its images into one folder per class (CUB:
+    ``001.Black_footed_Albatross``, Stanford Dogs: ``n02085620-Chihuahua``), else the dataset's class id."""
+    folders: dict[int, set[str]] = {}
+    for r in records:
+        parts = r.path.relative_to(image_root).parts
+        folders.setdefault(r.label, set()).add(parts[0] if len(parts) > 1 else "")
+    names = [next(iter(folders[c])) if len(folders[c]) == 1 else "" for c in class_ids]
+    if "" in names or len(set(names)) != len(names):
+        return [str(c) for c in class_ids]
+    return names
+
+
+def _read_fgvc_splits(dataset_dir: Path, task: FGVCTask) -> tuple[dict[str, list[ImageRecord]], list[str]]:
     image_root = dataset_dir / task.image_dir
     hint = f"Fix or re-download {dataset_dir}.\n{FGVC_LAYOUT}"
     raw = {
@@ -70,7 +92,11 @@ def read_fgvc_splits(dataset_dir: Path, task: FGVCTask) -> dict[str, list[ImageR
             f"{FGVC_SOURCE}"
         )
     contiguous = {class_id: index for index, class_id in enumerate(class_ids)}
-    return {split: [replace(r, label=contiguous[r.label]) for r in records] for split, records in raw.items()}
+    names = fgvc_class_names([r for records in raw.values() for r in records], image_root, class_ids)
+    splits = {
+        split: [replace(r, label=contiguous[r.label]) for r in records] for split, records in raw.items()
+    }
+    return splits, names
 
 
 class FGVCDataModule(SplitDataModule):
@@ -90,6 +116,10 @@ class FGVCDataModule(SplitDataModule):
         batch_size: training batch size. eval_batch_size: validation/test/predict batch size.
         num_workers: DataLoader worker processes.
         image_size: crop size; images are first resized to 8/7 of it (256 for 224), as in VPT.
+        predict_path: ``predict`` these new images (a folder, a file or a glob) instead of the test split.
+
+    Class names are the datasets' class folder names where they sort images by class (CUB, NABirds,
+    Stanford Dogs), else their class ids (read from the json splits on first use).
     """
 
     def __init__(
@@ -101,8 +131,9 @@ class FGVCDataModule(SplitDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 4,
         image_size: int = 224,
+        predict_path: str | None = None,
     ):
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, predict_path)
         if split_mode not in _ROLE_SPLITS:
             raise UsageError(f"split_mode must be one of {', '.join(_ROLE_SPLITS)}, got {split_mode!r}.")
         task = require_fgvc_task(name)
@@ -112,7 +143,7 @@ class FGVCDataModule(SplitDataModule):
         self.num_classes: int = task.num_classes
         self.dataset_dir = locate_fgvc_dataset(root, task)
         self._fgvc_task = task
-        self._splits: dict[str, list[ImageRecord]] | None = None
+        self._splits: tuple[dict[str, list[ImageRecord]], list[str]] | None = None
 
     def role_splits(self) -> dict[Role, tuple[str, ...]]:
         return _ROLE_SPLITS[self.split_mode]
@@ -121,10 +152,21 @@ class FGVCDataModule(SplitDataModule):
     def data_folder(self) -> Path:
         return self.dataset_dir
 
-    def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
+    @property
+    def data_config(self) -> DataConfig:
+        return fgvc_data_config(self.image_size)
+
+    @property
+    def class_names(self) -> list[str]:  # type: ignore[override]
+        return self._read()[1]
+
+    def _read(self) -> tuple[dict[str, list[ImageRecord]], list[str]]:
         if self._splits is None:  # all three json files are needed for the class-id mapping
-            self._splits = read_fgvc_splits(self.dataset_dir, self._fgvc_task)
-        records = [r for split in splits for r in self._splits[split]]
+            self._splits = _read_fgvc_splits(self.dataset_dir, self._fgvc_task)
+        return self._splits
+
+    def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
+        records = [r for split in splits for r in self._read()[0][split]]
         validate(records, self.num_classes, f"Fix or re-download {self.dataset_dir}.\n{FGVC_SOURCE}")
         transform = fgvc_train_transform if train else fgvc_eval_transform
         return ImageListDataset(records, transform(self.image_size))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -91,6 +91,25 @@ def load_rgb(path: os.PathLike | str) -> Image.Image:
 def decode_threads() -> int:
     # PIL releases the GIL while decoding and resizing, so threads scale without forking a pool.
     return min(8, os.cpu_count() or 1)
+
+
+def why_undecodable(path: os.PathLike | str) -> str | None:
+    """Why the image does not decode as the datasets decode it (:func:`decode_rgb`), or None. JPEGs decode at
+    reduced scale yet read every byte, so truncation shows."""
+    try:
+        decode_rgb(path, draft_size=(64, 64))
+    except UndecodableImage as err:
+        return str(err)
+    return None
+
+
+def undecodable(paths: Iterable[os.PathLike | str]) -> dict[os.PathLike | str, str]:
+    """The files among ``paths`` that do not decode (a damaged download, a text file named .jpg, ...), each
+    with the reason."""
+    paths = list(paths)
+    with ThreadPoolExecutor(decode_threads()) as pool:
+        reasons = pool.map(why_undecodable, paths)
+        return {path: why for path, why in zip(paths, reasons, strict=True) if why is not None}
 
 
 def collate_images(

@@ -12,7 +12,7 @@ from lily_lightning.data.base import Role, SplitDataModule
 from lily_lightning.data.images import CachedImageDataset, ImageListDataset
 from lily_lightning.data.records import ImageRecord, read_list_file, validate, without_duplicates
 from lily_lightning.data.tasks import VTABTask, vtab_names_help, vtab_task
-from lily_lightning.data.transforms import vtab_transform
+from lily_lightning.data.transforms import DataConfig, vtab_data_config, vtab_transform
 from lily_lightning.errors import UsageError
 from lily_lightning.paths import resolve_path, shown_path
 
@@ -36,6 +36,7 @@ _ROLE_SPLITS: dict[str, dict[Role, tuple[str, ...]]] = {
     "train800_val200": {"train": ("train800",), "val": ("val200",), "test": ("test",)},
 }
 # The 1,000 images are cached (150 MB at 224 px); test splits (up to 74k images) are decoded per access.
+CLASS_NAMES_FILE = "classes.txt"  # optional: one class name per line, line i naming label i
 _CACHED_SPLITS = frozenset({"train800", "val200", "train800val200"})
 
 
@@ -93,6 +94,10 @@ class VTAB1kDataModule(SplitDataModule):
         image_size: side of the square input images.
         cache_images: decode the 1,000 training (and val200) images once into memory, as uint8 tensors,
             instead of decoding them again every epoch. Test images are never cached.
+        predict_path: ``predict`` these new images (a folder, a file or a glob) instead of the test split.
+
+    Class names are the label ids (``"0"``, ``"1"``, ...: the VTAB-1k folders carry none), unless the task
+    folder has a ``classes.txt`` with one name per line, line i naming label i.
     """
 
     def __init__(
@@ -106,8 +111,9 @@ class VTAB1kDataModule(SplitDataModule):
         num_workers: int = 4,
         image_size: int = 224,
         cache_images: bool = True,
+        predict_path: str | None = None,
     ):
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, predict_path)
         if split_mode not in _ROLE_SPLITS:
             raise UsageError(f"split_mode must be one of {', '.join(_ROLE_SPLITS)}, got {split_mode!r}.")
         self.split_mode = split_mode
@@ -119,6 +125,19 @@ class VTAB1kDataModule(SplitDataModule):
         self.given_num_classes = num_classes
         self._split_records: dict[str, list[ImageRecord]] = {}
         self.num_classes: int = self._num_classes(known, num_classes)
+        self.class_names: list[str] = self._class_names()
+
+    def _class_names(self) -> list[str]:
+        names_file = self.task_dir / CLASS_NAMES_FILE
+        if not names_file.is_file():
+            return [str(label) for label in range(self.num_classes)]
+        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        if len(names) != self.num_classes:
+            raise UsageError(
+                f"{names_file} names {len(names)} classes, but the task has {self.num_classes}: give one "
+                "name per line for every label 0..num_classes-1 (or delete the file: classes are then ids)."
+            )
+        return names
 
     def _num_classes(self, known: VTABTask | None, given: int | None) -> int:
         if given is not None and given < 1:
@@ -181,6 +200,10 @@ class VTAB1kDataModule(SplitDataModule):
     @property
     def data_folder(self) -> Path:
         return self.task_dir
+
+    @property
+    def data_config(self) -> DataConfig:
+        return vtab_data_config(self.image_size)
 
     def make_dataset(self, splits: tuple[str, ...], train: bool) -> Dataset:
         records = self._records(splits)

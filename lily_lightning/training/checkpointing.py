@@ -9,7 +9,7 @@ import io
 import logging
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -211,10 +211,20 @@ def mismatched_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
     ]
 
 
-def check_fits(path: Path, checkpoint: Mapping[str, Any], model_hparams: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint whose trainable tensors were shaped by other settings than this model's."""
-    differences = mismatched_settings(checkpoint.get("hyper_parameters") or {}, model_hparams)
+def check_fits(
+    path: Path,
+    checkpoint: Mapping[str, Any],
+    model_hparams: Mapping[str, Any],
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """Refuse a checkpoint whose trainable tensors were shaped by other settings than this model's, or
+    that was trained on other classes than ``class_names`` (the data's)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    differences = mismatched_settings(saved, model_hparams)
     if not differences:
+        problem = class_names_problem(saved.get("class_names"), class_names)
+        if problem:
+            raise UsageError(f"checkpoint {path}: {problem}")
         return
     classes = any(d.startswith("model.num_classes") for d in differences)
     why = (
@@ -236,3 +246,24 @@ def load_trained(model: L.LightningModule, path: Path) -> None:
     checkpoint = read_checkpoint(path)
     model.on_load_checkpoint(checkpoint)  # refuses a checkpoint of another model
     model.load_state_dict(checkpoint["state_dict"], strict=False)
+
+
+def class_names_problem(
+    trained: Sequence[str] | None, given: Sequence[str] | None, given_what: str = "the data"
+) -> str | None:
+    """Why a model trained on classes ``trained`` cannot be used with ``given``'s, naming the classes that
+    differ; None when they are the same (or one side has no names: checkpoints from before class names)."""
+    if trained is None or given is None or list(trained) == list(given):
+        return None
+    only_trained = [name for name in trained if name not in set(given)]
+    only_given = [name for name in given if name not in set(trained)]
+    if not only_trained and not only_given:
+        return (
+            f"the model was trained on the same classes as {given_what} has, but in another order (its class "
+            f"ids would mean other classes): trained {list(trained)}, {given_what} {list(given)}."
+        )
+    return (
+        f"the model was trained on other classes than {given_what} has: only in the model's: "
+        f"{', '.join(only_trained) or '-'}; only in {given_what}: {', '.join(only_given) or '-'}. Use the "
+        "classes it was trained on (e.g. the same class folders), or train a new model on these."
+    )

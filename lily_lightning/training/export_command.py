@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from ..errors import UsageError
 from ..vit.export import export_vit
 from .checkpointing import load_trained
+from .inference import inference_config
 from .lightning_cli import LilyCLI, run_lightning
 from .module import ViTClassifier
 
@@ -27,8 +28,6 @@ USAGE = (
 def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
     """Merge ``classifier``'s ViT (in place, eval mode) and write it with its head to ``out``."""
     hparams = classifier.hparams
-    normalized = hparams.normalize != "none"
-    mean, std = ([round(v, 6) for v in t.flatten().tolist()] for t in (classifier.mean, classifier.std))
     adapter_config = None
     if classifier.method in ("lily", "lora"):
         config = hparams.lily if classifier.method == "lily" else hparams.lora
@@ -40,8 +39,9 @@ def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
         classifier.model,
         out,
         timm_name=hparams.backbone,
-        mean=mean if normalized else None,
-        std=std if normalized else None,
+        class_names=classifier.class_names,
+        preprocessing=inference_config(classifier),
+        normalized=hparams.normalize != "none",
         adapter_config=adapter_config,
     )
 

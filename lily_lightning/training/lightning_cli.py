@@ -30,6 +30,9 @@ from .module import ViTClassifier
 from .predictions import PredictionCSVWriter
 from .progress import PlainProgress
 
+# Model settings that only say how a trained model evaluates: a command line's value beats the checkpoint's.
+EVALUATION_SETTINGS = ("lily.eval_routing", "predict_top_k")
+
 
 class LilyCLI(LightningCLI):
     """LightningCLI with the class count linked from the data and per-run defaults for logs and checkpoints.
@@ -68,12 +71,13 @@ class LilyCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # Lightning rebuilds the model from the checkpoint's hyper-parameters, over the command line. How a
-        # trained model evaluates is no part of what it learnt: an eval_routing the command sets wins.
+        # trained model evaluates or reports is no part of what it learnt: those the command sets win.
         super()._parse_ckpt_path()
-        key = f"{self.config.get('subcommand')}.model.lily.eval_routing"
-        eval_routing = self.explicit_config.get(key)
-        if eval_routing is not None:
-            self.config[key] = eval_routing
+        for setting in EVALUATION_SETTINGS:
+            key = f"{self.config.get('subcommand')}.model.{setting}"
+            value = self.explicit_config.get(key)
+            if value is not None:
+                self.config[key] = value
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -111,7 +115,9 @@ class LilyCLI(LightningCLI):
         ckpt_path = self._get(self.config_init, "ckpt_path")
         path = resolve_checkpoint(self.subcommand, ckpt_path, checkpoint_dir)
         if path is not None:
-            check_fits(path, read_checkpoint(path), self.model.hparams)
+            check_fits(
+                path, read_checkpoint(path), self.model.hparams, getattr(self.datamodule, "class_names", None)
+            )
         elif self.subcommand == "fit" and (checkpoint_dir / LAST).is_file():
             logging.getLogger("lily_lightning").warning(
                 "Starting a new run: %s of an earlier run will be overwritten when this one ends its first "

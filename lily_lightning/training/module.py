@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from ..adapters import LilyConfig, LoRAConfig
 from ..errors import UsageError
@@ -22,6 +22,15 @@ from ..seeding import epoch_seed, run_seed
 from ..vit.inject import ADAPTERS_ATTR, inject
 from ..vit.state import count_parameters, state_problems
 from ..vit.weights import load_backbone_weights
+from .checkpointing import class_names_problem
+from .confusion import (
+    CONFUSION_CSV,
+    CONFUSION_PNG,
+    class_accuracy,
+    confusion_matrix_figure,
+    per_class_table,
+    write_confusion_csv,
+)
 from .results import write_result
 from .schedule import warmup_cosine_lr
 
@@ -97,6 +106,10 @@ class ViTClassifier(L.LightningModule):
             official code reports: with ``split_mode: train800val200`` validation runs on the test split).
         compile: ``torch.compile`` the backbone (adapters included) in place; checkpoints are the same
             as an eager model's, so either kind loads the other's. Train and eval mode compile once each.
+        class_names: the name of each class id; taken from the data module at ``setup`` when not given
+            (and then saved in checkpoints): `test`, `predict`, the Python loader and `export` show them.
+            A checkpoint is refused for data whose class names differ.
+        predict_top_k: `predict` writes the k most probable classes of each image, with probabilities.
     """
 
     def __init__(
@@ -119,10 +132,20 @@ class ViTClassifier(L.LightningModule):
         min_lr: float = 1e-5,
         report: Report = "final",
         compile: bool = False,
+        class_names: list[str] | None = None,
+        predict_top_k: int = 1,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise UsageError(f"num_classes must be >= 2, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise UsageError(
+                f"model.class_names names {len(class_names)} classes, num_classes is {num_classes}"
+            )
+        if not 1 <= predict_top_k <= num_classes:
+            raise UsageError(
+                f"model.predict_top_k must be in 1..num_classes ({num_classes}), got {predict_top_k}"
+            )
         self.save_hyperparameters()
         self.method, self.report = method, report
 
@@ -153,6 +176,10 @@ class ViTClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss = MeanMetric()  # per image, so a zero-size or ragged batch weighs what it holds
         self.test_images = SumMetric()  # images counted, over every process: the test set size, once each
+        self.test_class_acc = MulticlassAccuracy(num_classes, average=None)  # which classes fail
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        # The data module's eval preprocessing (a timm data config), saved with checkpoints for the loader.
+        self.data_config: dict[str, Any] | None = None
         self.val_acc_best = MaxMetric()
         # Checkpoints hold only the trainable tensors; the frozen backbone comes from `weights`.
         self.strict_loading = False
@@ -173,15 +200,37 @@ class ViTClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model((images - self.mean) / self.std)
 
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each class id (the ids themselves when nobody named them)."""
+        names = self.hparams.class_names
+        return list(names) if names is not None else [str(i) for i in range(self.hparams.num_classes)]
+
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._adopt_class_names(getattr(datamodule, "class_names", None))
+        self.data_config = getattr(datamodule, "data_config", None) or self.data_config
         # timm's patch embedding asserts the input size; say which two settings disagree instead.
-        data_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        data_size = getattr(datamodule, "image_size", None)
         model_size = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", ()))
         if data_size is not None and model_size and model_size != (data_size, data_size):
             raise UsageError(
                 f"the data yields {data_size} px images (data.image_size) but the model expects "
                 f"{'x'.join(map(str, model_size))} (model.img_size): set both to the same size."
             )
+
+    def _adopt_class_names(self, data_names: list[str] | None) -> None:
+        """Take the data's class names, or refuse data whose classes differ from those the model knows."""
+        if data_names is None:
+            return
+        problem = class_names_problem(self.hparams.class_names, data_names)
+        if problem:
+            raise UsageError(problem)
+        if len(data_names) != self.hparams.num_classes:
+            raise UsageError(
+                f"the data has {len(data_names)} classes, model.num_classes is {self.hparams.num_classes}"
+            )
+        self.hparams.class_names = list(data_names)  # saved with the hyper-parameters from now on
 
     # -- steps -----------------------------------------------------------------------------------------
 
@@ -218,7 +267,9 @@ class ViTClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
-        update(self.test_acc, self(images), labels)
+        logits = self(images)
+        for metric in (self.test_acc, self.test_class_acc, self.test_confusion):
+            update(metric, logits, labels)
         self.test_images.update(labels.numel())
         self.log("test/acc", self.test_acc)
         self.log("test/images", self.test_images, reduce_fx="sum")
@@ -228,16 +279,21 @@ class ViTClassifier(L.LightningModule):
         best = max(final, float(self.val_acc_best.compute())) if self.val_acc_best.update_count else final
         self.log("test/acc_best_of_evals", best)
         images = int(self.test_images.compute())
+        matrix = self.test_confusion.compute().cpu().numpy()
+        class_acc = self.test_class_acc.compute()  # torchmetrics says 0 for a class without test images
+        for index, name in enumerate(self.class_names):
+            if matrix[index].sum():
+                self.log(f"test/acc_class/{name}", class_acc[index])
         if self.trainer.is_global_zero:
-            self._print_results(final, best, images)
+            self._print_results(final, best, images, matrix)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         probs = self(images).softmax(-1)
-        confidence, label = probs.max(-1)
+        confidence, label = probs.topk(self.hparams.predict_top_k, dim=-1)  # (B, k) each, most probable first
         return {"label": label, "confidence": confidence}
 
-    def _print_results(self, final: float, best: float, images: int) -> None:
+    def _print_results(self, final: float, best: float, images: int, matrix: Any) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         task = getattr(datamodule, "task", None) or getattr(datamodule, "name", "?")
         reported = final if self.report == "final" else best
@@ -249,6 +305,12 @@ class ViTClassifier(L.LightningModule):
             f"images={images}",
             flush=True,
         )
+        run_dir = Path(self.trainer.default_root_dir)
+        names = self.class_names
+        write_confusion_csv(run_dir / CONFUSION_CSV, matrix, names)
+        confusion_matrix_figure(matrix, names, save=run_dir / CONFUSION_PNG, title=f"{task}, {self.method}")
+        table = per_class_table(matrix, names)
+        print(f"per-class top-1 (confusion matrix: {run_dir / CONFUSION_CSV}, .png):\n{table}", flush=True)
         # The same numbers for `python -m lily_lightning report` (and `sweep`, which skips finished runs),
         # plus the head's size so tables can count parameters without the head, as papers do.
         result = {
@@ -263,8 +325,10 @@ class ViTClassifier(L.LightningModule):
             "final": final,
             "best_of_evals": best,
             "images": images,
+            "class_names": names,
+            "per_class_acc": dict(zip(names, class_accuracy(matrix), strict=True)),  # null: no test image
         }
-        write_result(Path(self.trainer.default_root_dir), result)
+        write_result(run_dir, result)
 
     # -- optimisation ----------------------------------------------------------------------------------
 
@@ -310,8 +374,18 @@ class ViTClassifier(L.LightningModule):
         checkpoint["val_acc_best"] = (
             float(self.val_acc_best.compute()) if self.val_acc_best.update_count else None
         )
+        if self.data_config is not None:
+            checkpoint["data_config"] = self.data_config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The model took the data's class names at setup; a checkpoint trained on others would mislabel.
+        trained = (checkpoint.get("hyper_parameters") or {}).get("class_names")
+        problem = class_names_problem(trained, self.hparams.class_names)
+        if problem:
+            raise UsageError(f"checkpoint: {problem}")
+        if self.hparams.class_names is None and trained is not None:  # e.g. `export` (no data setup)
+            self.hparams.class_names = list(trained)
+        self.data_config = self.data_config or checkpoint.get("data_config")
         current = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         expected = {k: current[k] for k in self._saved_keys()}
         # Frozen backbone tensors are not in an adapter-only checkpoint, so names we do not save are allowed.

@@ -15,13 +15,22 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 HEADER = ("index", "file", "label", "class", "confidence")
 
 
+def header(top_k: int) -> list[str]:
+    """``index,file,label,class,confidence``, then ``label_2,class_2,confidence_2`` ... up to ``top_k``."""
+    ranked = [f"{column}_{rank}" for rank in range(2, top_k + 1) for column in HEADER[2:]]
+    return [*HEADER, *ranked]
+
+
 class PredictionCSVWriter(BasePredictionWriter):
-    """One row per image of the predict set: ``index, file, label, class, confidence``.
+    """One row per image of the predict set: ``index, file, label, class, confidence`` for the most probable
+    class, then the same three for the next ones (``label_2, class_2, confidence_2``, ...) up to the model's
+    ``predict_top_k``.
 
     ``index`` is the image's position in the predict set, ``file`` its path relative to the data module's
-    ``data_folder`` (the task folder), ``label`` the predicted class id and ``class`` its name when the data
-    module has ``class_names`` (else the id again). Under DDP every process predicts its share of each
-    batch; the shares are gathered to rank 0, which writes each image once, sorted by index.
+    ``data_folder`` (the task folder; with ``predict_path``, relative to that folder), ``label`` a class id,
+    ``class`` its name (the model's ``class_names``, else the data module's, else the id again) and
+    ``confidence`` its softmax probability. Under DDP every process predicts its share of each batch; the
+    shares are gathered to rank 0, which writes each image once, sorted by index.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -53,17 +62,23 @@ class PredictionCSVWriter(BasePredictionWriter):
         rows.sort()
         if [index for index, _, _ in rows] != list(range(len(rows))):
             raise RuntimeError(f"predict saw images {len(rows)} times, not each of them once")
-        self._write(rows, trainer.datamodule)
+        names = getattr(pl_module, "class_names", None) or getattr(trainer.datamodule, "class_names", None)
+        self._write(rows, trainer.datamodule, names)
         print(f"predictions for {len(rows)} images written to {self.path}")
 
-    def _write(self, rows: list[tuple[int, int, float]], datamodule: Any) -> None:
-        files = datamodule.image_files("test") if hasattr(datamodule, "image_files") else None
-        names = getattr(datamodule, "class_names", None)
+    def _write(
+        self, rows: list[tuple[int, list[int], list[float]]], datamodule: Any, names: Sequence[str] | None
+    ) -> None:
+        files = datamodule.image_files("predict") if hasattr(datamodule, "image_files") else None
+        top_k = len(rows[0][1]) if rows else 1
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(HEADER)
-            for index, label, confidence in rows:
+            writer.writerow(header(top_k))
+            for index, labels, confidences in rows:
+                ranked = [
+                    (label, names[label] if names is not None else label, f"{confidence:.6f}")
+                    for label, confidence in zip(labels, confidences, strict=True)
+                ]
                 file = files[index] if files is not None else ""
-                name = names[label] if names is not None else label
-                writer.writerow((index, file, label, name, f"{confidence:.6f}"))
+                writer.writerow([index, file, *(cell for prediction in ranked for cell in prediction)])
