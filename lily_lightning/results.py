@@ -31,20 +31,28 @@ def result_folder(
     A result describes the run that trained the checkpoint, on that run's own task: it goes to the folder
     holding ``checkpoints/<file>`` (``run_dir`` itself for ``--ckpt_path last``), never to the folder of the
     config that happened to test it. A checkpoint outside a run's ``checkpoints/`` folder, or tested on
-    another task than it was trained on, has no run folder: nothing is written.
+    another task than it was trained on, has no run folder: nothing is written. (A checkpoint that does not
+    record its task, from before it was recorded, counts only for this config's own run folder.)
     """
     if checkpoint is None:  # the model this process trained
         return run_dir, ""
     checkpoint = Path(checkpoint)
     if checkpoint.parent.name != CHECKPOINTS:
         return None, f"the checkpoint {checkpoint} is not inside a run folder's {CHECKPOINTS}/ folder"
-    if trained_task != task:
-        trained = "an unrecorded task" if trained_task is None else f"task {trained_task}"
+    owner = checkpoint.parent.parent
+    if trained_task is None:  # written before checkpoints recorded their task
+        if owner.resolve() == run_dir.resolve():
+            return run_dir, ""  # this config's own run, as before
         return None, (
-            f"the checkpoint {checkpoint} was trained on {trained}, not on {task}, so this is no result of "
-            f"its run {checkpoint.parent.parent}"
+            f"the checkpoint {checkpoint} does not record the task it was trained on (an older checkpoint), "
+            f"so whether this is a result of its run {owner} is unknown"
         )
-    return checkpoint.parent.parent, ""
+    if trained_task != task:
+        return None, (
+            f"the checkpoint {checkpoint} was trained on task {trained_task}, not on {task}, so this is no "
+            f"result of its run {owner}"
+        )
+    return owner, ""
 
 
 @dataclass(frozen=True)

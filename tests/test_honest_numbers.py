@@ -19,6 +19,7 @@ from test_cli import result_line, tiny_run_config
 from lily_lightning import UsageError, ViTClassifier, VTAB1kDataModule
 from lily_lightning.cli import main
 from lily_lightning.data import write_synthetic_vtab_task
+from lily_lightning.results import result_folder
 
 
 def fitted(tmp_path_factory: pytest.TempPathFactory, data_root: Path, name: str, *overrides: str) -> Path:
@@ -213,6 +214,26 @@ def test_another_runs_checkpoint_is_that_runs_result_and_a_loose_one_nobodys(
     assert run_test(config, "--ckpt_path", str(loose)) == 0
     assert not result_file(config).exists()
     assert f"result.json not written: the checkpoint {loose} is not inside a run folder" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "trained_task", "expected"),
+    [
+        (None, None, "runs/shapes/lily"),  # the model this process trained
+        ("runs/shapes/lily/checkpoints/last.ckpt", "shapes", "runs/shapes/lily"),
+        ("elsewhere/checkpoints/last.ckpt", "shapes", "elsewhere"),
+        ("elsewhere/checkpoints/last.ckpt", "rings", None),
+        ("elsewhere/last.ckpt", "shapes", None),
+        ("runs/shapes/lily/checkpoints/last.ckpt", None, "runs/shapes/lily"),  # older: own run only
+        ("elsewhere/checkpoints/last.ckpt", None, None),
+    ],
+)
+def test_result_folder_is_the_run_that_trained_the_checkpoint_on_this_task(
+    checkpoint: str | None, trained_task: str | None, expected: str | None
+) -> None:
+    folder, why = result_folder(Path("runs/shapes/lily"), checkpoint, trained_task, "shapes")
+    assert folder == (None if expected is None else Path(expected))
+    assert bool(why) == (expected is None)
 
 
 # -- settings beside a checkpoint ------------------------------------------------------------------------
