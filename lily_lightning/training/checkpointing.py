@@ -9,7 +9,7 @@ import io
 import logging
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -27,12 +27,21 @@ from ..paths import resolve_path, shown_path
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
+CHECKPOINTS = "checkpoints"  # <run folder>/checkpoints/last.ckpt
 EVALUATING = ("validate", "test", "predict")
 # Settings that fix the shapes of the trainable tensors: a checkpoint only fits a model built with the same.
 _SHAPE_SETTINGS = ("backbone", "method", "num_classes", "img_size")
 _ADAPTER_SETTINGS = {"lily": "lily", "lora": "lora"}  # method -> the config whose fields shape its adapters
-# Adapter fields that only say how a trained model evaluates: a test command may set them (see cli.py).
-_EVAL_ONLY_SETTINGS = frozenset({"lily.eval_routing"})
+# How a trained model is loaded and evaluated, not what it learnt (the frozen backbone is not in a
+# checkpoint): the command's values win over a checkpoint's (cli.LilyCLI._parse_ckpt_path) and may change
+# on resume.
+EVALUATION_SETTINGS = frozenset(
+    {"report", "weights", "pretrained", "compile", "lily.eval_routing", "predict_top_k"}
+)
+DIVERGED_HINT = (
+    "Train again with a lower --model.lr, a longer warm-up (--model.warmup_epochs), or in full precision "
+    "(--trainer.precision 32-true) if it ran in 16-mixed or bf16-mixed."
+)
 # What torch.load raises for a file that is not a (complete) torch checkpoint.
 _UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, OSError)
 
@@ -182,7 +191,29 @@ def checkpoint_file(ckpt_path: str) -> Path:
     return resolve_path(ckpt_path)
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+def non_finite_summary(state: Mapping[str, Any]) -> str | None:
+    """``"3 of 53 tensors hold NaN or inf values (a, b, c)"``, or None when every tensor is finite."""
+    bad = [
+        name
+        for name, tensor in state.items()
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if not bad:
+        return None
+    shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    return f"{len(bad)} of {len(state)} tensors hold NaN or inf values ({shown})"
+
+
+def check_finite(path: Path, checkpoint: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint of a diverged run: every number computed from it would be meaningless."""
+    summary = non_finite_summary(checkpoint["state_dict"])
+    if summary is not None:
+        raise UsageError(
+            f"checkpoint {path} is unusable: {summary}; the run that wrote it diverged. {DIVERGED_HINT}"
+        )
+
+
+def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
     """``{"lily.rank": 4, ...}`` from hyper-parameters as saved (dicts) or built (dataclasses, Namespaces)."""
     if is_dataclass(value) and not isinstance(value, type):
         value = asdict(value)
@@ -192,23 +223,47 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
         return {prefix: list(value) if isinstance(value, tuple) else value}
     flat: dict[str, Any] = {}
     for key, item in value.items():
-        flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        flat.update(flat_settings(item, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 
-def mismatched_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``"lily.rank: checkpoint has 4, config says 8"`` for every shape-fixing model setting that differs."""
-    keys = [*_SHAPE_SETTINGS]
-    adapter = _ADAPTER_SETTINGS.get(str(current.get("method")))
-    if adapter is not None:
-        keys.append(adapter)
-    saved_flat = _flat({k: saved[k] for k in keys if k in saved})
-    current_flat = _flat({k: current[k] for k in keys if k in current})
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    """``"model.lily.rank: checkpoint has 4, config says 8"`` for each setting under ``keys`` that differs
+    (evaluation settings aside); a setting missing on either side is not compared."""
+    saved_flat = flat_settings({k: saved[k] for k in keys if k in saved})
+    current_flat = flat_settings({k: current[k] for k in keys if k in current})
     return [
         f"model.{key}: checkpoint has {saved_flat[key]}, config says {current_flat[key]}"
-        for key in sorted(saved_flat.keys() & current_flat.keys() - _EVAL_ONLY_SETTINGS)
+        for key in sorted(saved_flat.keys() & current_flat.keys() - EVALUATION_SETTINGS)
         if saved_flat[key] != current_flat[key]
     ]
+
+
+def mismatched_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The shape-fixing model settings that differ (see :func:`_differences`)."""
+    adapter = _ADAPTER_SETTINGS.get(str(current.get("method")))
+    return _differences(saved, current, [*_SHAPE_SETTINGS, *([adapter] if adapter else [])])
+
+
+def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse to resume with other model settings than the checkpoint's (evaluation settings aside).
+
+    A resumed run keeps the checkpoint's AdamW state and the scheduler's saved base learning rate, so a new
+    ``lr`` or schedule would be written into the hyper-parameters but not followed (nor would one run
+    follow any single config if it were): the honest choices are the old settings or a new run.
+    """
+    method = str(current.get("method", saved.get("method")))
+    # The other method's config is unused; class names come from the data and check_fits compares them.
+    skipped = {config for name, config in _ADAPTER_SETTINGS.items() if name != method} | {"class_names"}
+    differences = _differences(saved, current, [key for key in current if key not in skipped])
+    if differences:
+        raise UsageError(
+            f"`fit --ckpt_path` would resume {path} with other settings than it was trained with:\n  "
+            + "\n  ".join(differences)
+            + "\nA resumed run keeps the checkpoint's optimiser state and learning-rate curve, so these "
+            "would be recorded but not followed. Resume with the checkpoint's settings, or train anew with "
+            "the new ones: leave out --ckpt_path (and set another trainer.default_root_dir to keep this run)."
+        )
 
 
 def check_fits(

@@ -18,20 +18,22 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .checkpointing import (
+    CHECKPOINTS,
+    EVALUATION_SETTINGS,
     LAST,
     AtomicCheckpointIO,
     LastCheckpoint,
+    check_finite,
     check_fits,
+    check_resumable,
     checkpoint_file,
+    flat_settings,
     read_checkpoint,
     resolve_checkpoint,
 )
 from .module import ViTClassifier
 from .predictions import PredictionCSVWriter
 from .progress import PlainProgress
-
-# Model settings that only say how a trained model evaluates: a command line's value beats the checkpoint's.
-EVALUATION_SETTINGS = ("lily.eval_routing", "predict_top_k")
 
 
 class LilyCLI(LightningCLI):
@@ -70,14 +72,21 @@ class LilyCLI(LightningCLI):
             self.config[subcommand]["ckpt_path"] = str(path)
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning rebuilds the model from the checkpoint's hyper-parameters, over the command line. How a
-        # trained model evaluates or reports is no part of what it learnt: those the command sets win.
+        # Lightning rebuilds the model from a checkpoint file's hyper-parameters, over the command line and
+        # config files. A model setting they set is honoured or refused, never dropped: how a trained model
+        # is loaded and evaluated (report, weights, eval_routing ...) is no part of what it learnt, so the
+        # command's value wins; `fit` refuses any other that differs, as resuming would not follow it.
         super()._parse_ckpt_path()
-        for setting in EVALUATION_SETTINGS:
-            key = f"{self.config.get('subcommand')}.model.{setting}"
-            value = self.explicit_config.get(key)
-            if value is not None:
-                self.config[key] = value
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path in (None, "last"):  # `last` is checked once the run folder is known
+            return
+        explicit = self.explicit_config.get(f"{subcommand}.model")
+        wanted = flat_settings(explicit.as_dict() if explicit is not None else {})
+        for key in EVALUATION_SETTINGS & wanted.keys():
+            self.config[f"{subcommand}.model.{key}"] = wanted[key]
+        if subcommand == "fit" and explicit is not None:
+            check_resumable(ckpt_path, self.config[f"{subcommand}.model"].as_dict(), explicit.as_dict())
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -98,14 +107,14 @@ class LilyCLI(LightningCLI):
 
         if wanted(ModelCheckpoint, "enable_checkpointing"):
             every = self._get(self.config_init, "checkpoint_every_n_steps", default=0) or 0
-            callbacks.append(LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=every))
+            callbacks.append(LastCheckpoint(run_dir / CHECKPOINTS, every_n_train_steps=every))
         if wanted(ProgressBar, "enable_progress_bar"):
             callbacks.append(progress_callback(run_dir))
         if self.subcommand == "predict":
             callbacks.append(PredictionCSVWriter(run_dir / "predictions.csv"))
         kwargs["callbacks"] = callbacks
         kwargs["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
-        self._resolve_checkpoint(run_dir / "checkpoints")
+        self._resolve_checkpoint(run_dir / CHECKPOINTS)
         return super().instantiate_trainer(**kwargs)
 
     def _resolve_checkpoint(self, checkpoint_dir: Path) -> None:
@@ -115,9 +124,11 @@ class LilyCLI(LightningCLI):
         ckpt_path = self._get(self.config_init, "ckpt_path")
         path = resolve_checkpoint(self.subcommand, ckpt_path, checkpoint_dir)
         if path is not None:
-            check_fits(
-                path, read_checkpoint(path), self.model.hparams, getattr(self.datamodule, "class_names", None)
-            )
+            checkpoint = read_checkpoint(path)
+            check_finite(path, checkpoint)
+            check_fits(path, checkpoint, self.model.hparams, getattr(self.datamodule, "class_names", None))
+            if self.subcommand == "fit":
+                check_resumable(path, checkpoint.get("hyper_parameters") or {}, self.model.hparams)
         elif self.subcommand == "fit" and (checkpoint_dir / LAST).is_file():
             logging.getLogger("lily_lightning").warning(
                 "Starting a new run: %s of an earlier run will be overwritten when this one ends its first "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from ..seeding import epoch_seed, run_seed
 from ..vit.inject import ADAPTERS_ATTR, inject
 from ..vit.state import count_parameters, state_problems
 from ..vit.weights import load_backbone_weights
-from .checkpointing import class_names_problem
+from .checkpointing import DIVERGED_HINT, class_names_problem, non_finite_summary
 from .confusion import (
     CONFUSION_CSV,
     CONFUSION_PNG,
@@ -31,12 +32,18 @@ from .confusion import (
     per_class_table,
     write_confusion_csv,
 )
-from .results import write_result
+from .results import result_folder, write_result
 from .schedule import warmup_cosine_lr
 
 Method = Literal["lily", "lora", "linear_probe", "full"]
 Normalize = Literal["backbone", "imagenet", "none"]
 Report = Literal["final", "best_of_evals"]
+
+# Checkpoint key: the task and validation split(s) of the `fit` that wrote it, so `test` can decide whether
+# its validation accuracies are test accuracies (best_of_evals) and which run folder its result belongs to.
+TRAINED_ON = "trained_on"
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,6 +111,8 @@ class ViTClassifier(L.LightningModule):
         report: the accuracy the results line reports: ``final`` (the final model's test accuracy) or
             ``best_of_evals`` (the best of the validation evaluations and the final test, as the
             official code reports: with ``split_mode: train800val200`` validation runs on the test split).
+            Validation on any other split or task is no test accuracy: then best_of_evals is absent and
+            ``report: best_of_evals`` is refused.
         compile: ``torch.compile`` the backbone (adapters included) in place; checkpoints are the same
             as an eager model's, so either kind loads the other's. Train and eval mode compile once each.
         class_names: the name of each class id; taken from the data module at ``setup`` when not given
@@ -181,6 +190,8 @@ class ViTClassifier(L.LightningModule):
         # The data module's eval preprocessing (a timm data config), saved with checkpoints for the loader.
         self.data_config: dict[str, Any] | None = None
         self.val_acc_best = MaxMetric()
+        # {"task": ..., "validation_splits": [...]} of the fit that trained this model (TRAINED_ON).
+        self.trained_on: dict[str, Any] | None = None
         # Checkpoints hold only the trainable tensors; the frozen backbone comes from `weights`.
         self.strict_loading = False
 
@@ -245,11 +256,29 @@ class ViTClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        lr = self.optimizers().param_groups[0]["lr"]
+        self._stop_if_diverged(loss, lr)
         update(self.train_acc, logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        self.log("lr", lr, prog_bar=False)
         return loss
+
+    def _stop_if_diverged(self, loss: torch.Tensor, lr: float) -> None:
+        # A NaN loss would otherwise train on silently, and the next save would write NaN tensors. This costs
+        # one host sync (and, under DDP, one boolean all-reduce, so every process stops at the same step).
+        diverged = not bool(torch.isfinite(loss))
+        if not self.trainer.strategy.reduce_boolean_decision(diverged, all=False):
+            return
+        raise UsageError(
+            f"training diverged: the loss is not finite ({float(loss.detach())} on this process) at epoch "
+            f"{self.current_epoch}, step {self.global_step}, learning rate {lr:.3g} (model.lr "
+            f"{self.hparams.lr:g}). Stopped; the checkpoint saved before this epoch, if any, is kept. "
+            + DIVERGED_HINT
+        )
+
+    def on_train_start(self) -> None:
+        self.trained_on = {"task": self._task(), "validation_splits": self._role_splits("val")}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -265,6 +294,14 @@ class ViTClassifier(L.LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
+    def on_test_start(self) -> None:
+        note = self._best_of_evals_note()
+        if self.report == "best_of_evals" and note is not None:
+            raise UsageError(
+                f"--model.report best_of_evals: {note}, so its best is no test accuracy. Use --model.report "
+                "final, or train with validation on the test split to report the official protocol's number."
+            )
+
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
@@ -276,16 +313,57 @@ class ViTClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         final = float(self.test_acc.compute())
-        best = max(final, float(self.val_acc_best.compute())) if self.val_acc_best.update_count else final
-        self.log("test/acc_best_of_evals", best)
-        images = int(self.test_images.compute())
+        note = self._best_of_evals_note()
+        best: float | None = None
+        if note is None:
+            best = max(final, float(self.val_acc_best.compute())) if self.val_acc_best.update_count else final
+            self.log("test/acc_best_of_evals", best)
+        images = int(self.test_images.compute())  # summed over every process
         matrix = self.test_confusion.compute().cpu().numpy()
         class_acc = self.test_class_acc.compute()  # torchmetrics says 0 for a class without test images
         for index, name in enumerate(self.class_names):
             if matrix[index].sum():
                 self.log(f"test/acc_class/{name}", class_acc[index])
         if self.trainer.is_global_zero:
-            self._print_results(final, best, images, matrix)
+            self._print_results(final, best, note, images, matrix)
+
+    # -- what the numbers mean -------------------------------------------------------------------------
+
+    def _task(self) -> str:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return getattr(datamodule, "task", None) or getattr(datamodule, "name", "?")
+
+    def _role_splits(self, role: str) -> list[str] | None:
+        """The split files the data module reads for ``role`` (None for a data module that does not say)."""
+        role_splits = getattr(getattr(self.trainer, "datamodule", None), "role_splits", None)
+        return list(role_splits()[role]) if role_splits is not None else None
+
+    def _best_of_evals_note(self) -> str | None:
+        """Why the validation accuracies are no test accuracies of this test's task, or None if they are."""
+        if not self.val_acc_best.update_count:
+            return None  # no validation ran: the one evaluation is this test
+        if self.trained_on is None:
+            return "the checkpoint does not record which task and split its validation ran on"
+        trained_task, validated = self.trained_on["task"], self.trained_on["validation_splits"]
+        if trained_task != self._task():
+            return f"its validation ran on task {trained_task}, this test is on {self._task()}"
+        tested = self._role_splits("test")
+        if validated is None or validated != tested:
+            return (
+                f"its validation ran on {'+'.join(validated or ['an unrecorded split'])}, not on the test "
+                f"split {'+'.join(tested or ['?'])} (data.split_mode train800val200 for VTAB-1k and trainval "
+                "for FGVC validate on the test split)"
+            )
+        return None
+
+    def _test_set_size(self) -> int | None:
+        """Images in the test set (every loader's dataset; None if a dataset has no length)."""
+        loaders = self.trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        try:
+            return sum(len(loader.dataset) for loader in loaders)
+        except TypeError:  # an iterable-style dataset
+            return None
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -293,24 +371,33 @@ class ViTClassifier(L.LightningModule):
         confidence, label = probs.topk(self.hparams.predict_top_k, dim=-1)  # (B, k) each, most probable first
         return {"label": label, "confidence": confidence}
 
-    def _print_results(self, final: float, best: float, images: int, matrix: Any) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        task = getattr(datamodule, "task", None) or getattr(datamodule, "name", "?")
-        reported = final if self.report == "final" else best
+    def _print_results(
+        self, final: float, best: float | None, note: str | None, images: int, matrix: Any
+    ) -> None:
+        task = self._task()
+        reported = final if self.report == "final" else best  # on_test_start refused best_of_evals if None
+        expected = self._test_set_size()
+        partial = expected is not None and images < expected
         # One plain, greppable line (no Rich wrapping).
         print(
             f"RESULT task={task} method={self.method} "
             f"trainable_params={self.trainable_parameters} adapter_params={self.adapter_parameters} "
-            f"top1={reported:.4f} report={self.report} final={final:.4f} best_of_evals={best:.4f} "
-            f"images={images}",
+            f"top1={reported:.4f} report={self.report} final={final:.4f} "
+            f"best_of_evals={'n/a' if best is None else f'{best:.4f}'} images={images} "
+            f"partial={str(partial).lower()}",
             flush=True,
         )
-        run_dir = Path(self.trainer.default_root_dir)
         names = self.class_names
-        write_confusion_csv(run_dir / CONFUSION_CSV, matrix, names)
-        confusion_matrix_figure(matrix, names, save=run_dir / CONFUSION_PNG, title=f"{task}, {self.method}")
-        table = per_class_table(matrix, names)
-        print(f"per-class top-1 (confusion matrix: {run_dir / CONFUSION_CSV}, .png):\n{table}", flush=True)
+        print(f"per-class top-1:\n{per_class_table(matrix, names)}", flush=True)
+        if note is not None:
+            log.warning("best_of_evals=n/a: %s.", note)
+        if partial:
+            log.warning(
+                "partial test: %d of the %d test images were evaluated (trainer.limit_test_batches?); the "
+                'result is marked partial ("partial": true in result.json) and is not the task\'s accuracy.',
+                images,
+                expected,
+            )
         # The same numbers for `python -m lily_lightning report` (and `sweep`, which skips finished runs),
         # plus the head's size so tables can count parameters without the head, as papers do.
         result = {
@@ -324,11 +411,25 @@ class ViTClassifier(L.LightningModule):
             "report": self.report,
             "final": final,
             "best_of_evals": best,
+            "best_of_evals_note": note,
             "images": images,
+            "partial": partial,  # fewer images than the test set holds: not a full result
             "class_names": names,
             "per_class_acc": dict(zip(names, class_accuracy(matrix), strict=True)),  # null: no test image
         }
-        write_result(run_dir, result)
+        run_dir = Path(self.trainer.default_root_dir)
+        trained_task = (self.trained_on or {}).get("task")
+        folder, why = result_folder(run_dir, self.trainer.ckpt_path, trained_task, task)
+        if folder is None:
+            log.warning("result.json not written: %s. The RESULT line above is this test's record.", why)
+            return
+        path = write_result(folder, result)
+        # The confusion matrix goes with the result it belongs to.
+        write_confusion_csv(folder / CONFUSION_CSV, matrix, names)
+        confusion_matrix_figure(matrix, names, save=folder / CONFUSION_PNG, title=f"{task}, {self.method}")
+        log.info("Confusion matrix: %s and %s", folder / CONFUSION_CSV, folder / CONFUSION_PNG)
+        if folder.resolve() != run_dir.resolve():
+            log.info("Result written to %s: the run folder that trained the checkpoint.", path)
 
     # -- optimisation ----------------------------------------------------------------------------------
 
@@ -371,9 +472,16 @@ class ViTClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._saved_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        summary = non_finite_summary(checkpoint["state_dict"])
+        if summary is not None:  # the previous checkpoint file stays as it is
+            raise UsageError(
+                f"refusing to save a checkpoint: {summary}; training diverged (epoch {self.current_epoch}, "
+                f"step {self.global_step}). The checkpoint saved before, if any, is kept. {DIVERGED_HINT}"
+            )
         checkpoint["val_acc_best"] = (
             float(self.val_acc_best.compute()) if self.val_acc_best.update_count else None
         )
+        checkpoint[TRAINED_ON] = self.trained_on
         if self.data_config is not None:
             checkpoint["data_config"] = self.data_config
 
@@ -398,3 +506,4 @@ class ViTClassifier(L.LightningModule):
             )
         if checkpoint.get("val_acc_best") is not None:
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
+        self.trained_on = checkpoint.get(TRAINED_ON)

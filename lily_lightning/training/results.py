@@ -1,7 +1,8 @@
 """A run's result file: what `test` prints as its RESULT line, as ``<run dir>/result.json``.
 
-`test` writes it (see ``ViTClassifier._print_results``); `sweep` treats a run with one as finished and
-`report` collects them into tables.
+`test` writes it (see ``ViTClassifier._print_results``) into the run folder that trained the checkpoint
+(:func:`result_folder`); `sweep` treats a run with one as finished and `report` collects them into tables.
+A test of fewer images than the test set holds says ``"partial": true``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_atomically
+from .checkpointing import CHECKPOINTS
 
 RESULT_FILE = "result.json"
 
@@ -19,6 +21,38 @@ RESULT_FILE = "result.json"
 def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
     """Write ``result`` to ``run_dir/result.json`` (never half a file: a sweep reads it as "finished")."""
     return write_atomically(run_dir / RESULT_FILE, (json.dumps(result, indent=2) + "\n").encode())
+
+
+def result_folder(
+    run_dir: Path, checkpoint: str | Path | None, trained_task: str | None, task: str
+) -> tuple[Path | None, str]:
+    """The run folder a test's result belongs to, or None and why there is none.
+
+    A result describes the run that trained the checkpoint, on that run's own task: it goes to the folder
+    holding ``checkpoints/<file>`` (``run_dir`` itself for ``--ckpt_path last``), never to the folder of the
+    config that happened to test it. A checkpoint outside a run's ``checkpoints/`` folder, or tested on
+    another task than it was trained on, has no run folder: nothing is written. (A checkpoint that does not
+    record its task, from before it was recorded, counts only for this config's own run folder.)
+    """
+    if checkpoint is None:  # the model this process trained
+        return run_dir, ""
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name != CHECKPOINTS:
+        return None, f"the checkpoint {checkpoint} is not inside a run folder's {CHECKPOINTS}/ folder"
+    owner = checkpoint.parent.parent
+    if trained_task is None:  # written before checkpoints recorded their task
+        if owner.resolve() == run_dir.resolve():
+            return run_dir, ""  # this config's own run, as before
+        return None, (
+            f"the checkpoint {checkpoint} does not record the task it was trained on (an older checkpoint), "
+            f"so whether this is a result of its run {owner} is unknown"
+        )
+    if trained_task != task:
+        return None, (
+            f"the checkpoint {checkpoint} was trained on task {trained_task}, not on {task}, so this is no "
+            f"result of its run {owner}"
+        )
+    return owner, ""
 
 
 @dataclass(frozen=True)
