@@ -34,6 +34,7 @@ from .checkpointing import (
     resolve_checkpoint,
 )
 from .errors import UsageError, usage_message
+from .files import check_writable_folder
 from .module import ViTClassifier
 from .paths import resolve_path, shown_path
 from .predictions import PredictionCSVWriter
@@ -44,7 +45,7 @@ USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config 
        python -m lily_lightning data check --root ROOT [--name TASK]
        python -m lily_lightning sweep --config CONFIG.yaml --tasks vtab|fgvc|TASK... [--methods lily lora]
        python -m lily_lightning report RUNS_DIR [--out DIR]
-       python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"""
+       python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out FILE [--force]"""
 
 
 class LilyCLI(LightningCLI):
@@ -54,6 +55,9 @@ class LilyCLI(LightningCLI):
     and ``checkpoints/last.ckpt`` (adapter + head + optimiser state, rewritten atomically every epoch) so
     ``fit --ckpt_path last`` resumes an interrupted run; ``last`` means that file and no other.
     """
+
+    # Whether the subcommand writes into the run folder (logs, checkpoints, results), which is checked first.
+    writes_run_folder = True
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -118,6 +122,9 @@ class LilyCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         kwargs["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         self._resolve_checkpoint(run_dir / "checkpoints")
+        if self.writes_run_folder:
+            fix = "Set --trainer.default_root_dir to a folder you can write to (or make this one writable)."
+            check_writable_folder(run_dir, fix)
         return super().instantiate_trainer(**kwargs)
 
     def _resolve_checkpoint(self, checkpoint_dir: Path) -> None:

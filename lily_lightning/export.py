@@ -23,15 +23,16 @@ from torch import nn
 from .adapters import LilyConfig, LoRAConfig
 from .cli import LilyCLI, run_lightning
 from .errors import UsageError
-from .files import write_atomically
+from .files import check_writable_folder, write_atomically
 from .inject import ADAPTERS_ATTR, adapted_sites, inject, timm_state_dict
 from .merge import merge
 from .module import ViTClassifier
+from .paths import shown_path
 from .state import adapter_state_dict, load_adapter_state_dict
 
 FORMAT = "lily_lightning.export/1"
 USAGE = (
-    "usage: python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"
+    "usage: python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out FILE [--force]"
 )
 
 
@@ -45,6 +46,23 @@ def _timm_snippet(path: str, name: str, num_classes: int, img_size: int | tuple[
         f"timm.create_model({name!r}, pretrained=True, num_classes={num_classes}, img_size={img_size!r}, "
         f"pretrained_cfg_overlay=dict(file={path!r}, num_classes={num_classes}))"
     )
+
+
+def check_out(out: Path, checkpoint: Path, force: bool) -> None:
+    """Refuse, before any work, an ``--out`` that would lose work (the checkpoint itself; without ``force``,
+    any existing file) or cannot be written."""
+    if out.is_dir():
+        raise UsageError(
+            f"--out {shown_path(out)} is a folder; name the file to write: --out {out / 'model.safetensors'}"
+        )
+    if out.exists() and out.samefile(checkpoint):
+        raise UsageError(
+            f"--out {out} is the checkpoint being exported (--ckpt_path): writing there would replace it, "
+            f"--force or not. Choose another --out, e.g. {out.with_name('model.safetensors')}"
+        )
+    if out.exists() and not force:
+        raise UsageError(f"--out {out} exists: add --force to replace it, or choose another --out")
+    check_writable_folder(out.parent, "Choose another --out.")
 
 
 def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
@@ -87,7 +105,8 @@ def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
         )
     else:
         metadata["load"] = "import timm; " + _timm_snippet(str(out), name, num_classes, img_size)
-    write_atomically(out, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    write_atomically(out, save(tensors, metadata=metadata), fix="Free space there or choose another --out.")
     return metadata
 
 
@@ -117,20 +136,24 @@ def load_exported(path: str | Path) -> nn.Module:
 class ExportCLI(LilyCLI):
     """The ``test`` command's model building, then :func:`export_model` instead of testing."""
 
+    writes_run_folder = False  # it writes --out alone
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--out", type=str, required=True, help="the .safetensors file to write")
+        parser.add_argument("--force", action="store_true", help="replace an existing --out file")
 
     def test(self, model: ViTClassifier, ckpt_path: str | None = None, **_: Any) -> None:
         # LightningCLI calls a method named after the subcommand instead of the Trainer's.
         if not ckpt_path or not Path(ckpt_path).is_file():
             raise UsageError(f"export needs --ckpt_path of a checkpoint file, got {ckpt_path!r}\n{USAGE}")
+        out = Path(self.config["test"]["out"])
+        check_out(out, Path(ckpt_path), self.config["test"]["force"])
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.on_load_checkpoint(checkpoint)  # refuses a checkpoint of another model
         model.load_state_dict(
             checkpoint["state_dict"], strict=False
         )  # adapter + head: the backbone is frozen
-        out = Path(self.config["test"]["out"])
         metadata = export_model(model, out)
         print(f"EXPORT out={out} side_branches={metadata['side_branches']}\nload: {metadata['load']}")
         print(f"input: {metadata['input']}", flush=True)
