@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import test_export
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -21,7 +22,7 @@ from test_reliability import refused
 from tiny_vits import tiny_vit
 
 from lily_lightning import LilyConfig, LoRAConfig, UsageError, inject, merge, unmerge
-from lily_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint
+from lily_lightning.checkpointing import AtomicCheckpointIO
 from lily_lightning.cli import main
 from lily_lightning.demo import DEMO_EXTRA_HINT, DEMO_EXTRA_MODULES, demo_paths
 from lily_lightning.paths import CACHE_ENV
@@ -186,14 +187,7 @@ def full_disk_after(monkeypatch: pytest.MonkeyPatch, syncs: int) -> None:
     monkeypatch.setattr(os, "fsync", fsync)
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[Path, Path]:
-    """(config, checkpoint) of a one-step Lily fit."""
-    tmp = tmp_path_factory.mktemp("fit")
-    config = tiny_run_config(tmp, data_root, epochs=1)
-    args = ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"]
-    assert main(["fit", "--config", str(config), *args]) == 0
-    return config, tmp / "run" / "checkpoints" / "last.ckpt"
+fitted = test_export.fitted  # the (config, checkpoint) of a short Lily fit, one per test module
 
 
 def export_args(fitted: tuple[Path, Path], out: Path, *more: str) -> list[str]:
@@ -265,29 +259,30 @@ def test_fit_into_an_unwritable_run_folder_is_one_message(
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_result(
+    fitted: tuple[Path, Path],
     tmp_path: Path,
     data_root: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The one-epoch run resumed for a second epoch, whose save finds the disk full.
     config = tiny_run_config(tmp_path, data_root, epochs=2)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    saved_before: list[bytes] = []
-    write = AtomicCheckpointIO.write
+    last.parent.mkdir(parents=True)
+    previous = fitted[1].read_bytes()
+    last.write_bytes(previous)
+    saves: list[int] = []
 
-    def write_until_full(self: AtomicCheckpointIO, file: io.BufferedWriter, data: memoryview) -> None:
-        if last.is_file():  # the second save: the disk is full now
-            saved_before.append(last.read_bytes())
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(self, file, data)
+    def write_to_full_disk(self: AtomicCheckpointIO, file: io.BufferedWriter, data: memoryview) -> None:
+        saves.append(len(data))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(AtomicCheckpointIO, "write", write_until_full)
-        args = ["fit", "--config", str(config), "--trainer.limit_train_batches", "1"]
-        refused(
-            capsys, [*args, "--trainer.limit_val_batches", "0"], str(last), "no space left", "ckpt_path last"
-        )
-    assert saved_before == [last.read_bytes()] and read_checkpoint(last)["epoch"] == 0
+        patch.setattr(AtomicCheckpointIO, "write", write_to_full_disk)
+        args = ["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.limit_train_batches", "1"]
+        args += ["--trainer.limit_val_batches", "0"]
+        refused(capsys, args, str(last), "no space left", "ckpt_path last", "previous last.ckpt")
+    assert len(saves) == 1 and last.read_bytes() == previous
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no partial file left
 
     # `test`'s result.json: the previous one stays.
