@@ -46,7 +46,10 @@ def check_writable_folder(folder: Path, fix: str) -> None:
     any work, not a traceback after it. (``os.access`` says yes to root for a read-only folder.)"""
     with explained_write_errors(folder, fix):
         folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        except OSError as error:  # the message names the folder, not the file that could not be made in it
+            raise OSError(error.errno, error.strerror, str(folder)) from error
         os.close(handle)
         os.unlink(probe)
 
