@@ -29,7 +29,7 @@ USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config 
        python -m lily_lightning data check --root ROOT [--name TASK]
        python -m lily_lightning sweep --config CONFIG.yaml --tasks vtab|fgvc|TASK... [--methods lily lora]
        python -m lily_lightning report RUNS_DIR [--out DIR]
-       python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"""
+       python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out FILE [--force]"""
 
 
 def _show_package_logs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lily_lightning.inject import MERGED_KEY
 from test_inject import randomise_adapters, reference_forward
 from tiny_vits import tiny_vit
 
@@ -69,8 +70,11 @@ def test_merged_equals_unmerged_and_unmerge_restores_every_tensor(config: dict, 
         assert merge(model) is model
         merged = model(x)
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, original[k])}
+    merged_state = model.state_dict()
     linear = [site for site in targets if site != "mlp"]
+    # Marked as merged exactly when a backbone weight holds a delta (an mlp-only merge changes no weight).
+    assert (merged_state.pop(MERGED_KEY, None) is not None) == bool(linear)
+    changed = {k for k, v in merged_state.items() if not torch.equal(v, original[k])}
     # Each linear site changed its backbone weight (nothing else); the mlp site stayed a side branch.
     assert len(changed) == len({"qkv" if s in "qkv" else s for s in linear}) * len(model.blocks)
     assert all(k.startswith("blocks.") and k.endswith(".base.weight") for k in changed)

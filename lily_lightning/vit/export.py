@@ -107,7 +107,8 @@ def export_vit(
         metadata["load"] = "import timm; " + _timm_snippet(
             str(out), timm_name, num_classes, img_size, overlay
         )
-    write_atomically(out, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    write_atomically(out, save(tensors, metadata=metadata), fix="Free space there or choose another --out.")
     return metadata
 
 

@@ -9,7 +9,9 @@ only hold references to them - so a Lily HP bank shared by every block is one te
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -19,6 +21,8 @@ from ..adapters import SITES, AdapterConfig, build_adapter
 from ..errors import UsageError
 
 ADAPTERS_ATTR = "adapters"
+# The key a merged model adds to its state_dict() (see _mark_merged_state).
+MERGED_KEY = "lily_lightning_merged"
 
 # site -> (module path inside a block, which third of the fused qkv output, if any).
 _SITE_MODULES: dict[str, tuple[str, int | None]] = {
@@ -53,8 +57,18 @@ class AdaptedSite(nn.Module):
         # A plain tuple keeps the shared adapters out of this module's parameters and state_dict.
         self._adapters = (adapters,)
         self.branches = tuple(branches)
+        # The branches whose delta lily_lightning.merge added to ``base``'s weight (they no longer run).
+        self.folded: tuple[_Branch, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.folded:
+            # A folded delta is a constant in a frozen weight: training would leave it as it is, and train
+            # mode would route per batch where the merged weight holds the eval-mode mix.
+            raise UsageError(
+                "this model is merged (lily_lightning.merge) and cannot train or run in train mode: the "
+                "adapters' update is folded into frozen backbone weights. Call lily_lightning.unmerge(model) "
+                "before training, or model.eval() to run the merged model."
+            )
         out = self.base(x)
         adapters = self._adapters[0]
         thirds: dict[int, torch.Tensor] = {}
@@ -98,6 +112,38 @@ def adapted_sites(model: nn.Module) -> list[AdaptedSite]:
     return [m for m in model.modules() if isinstance(m, AdaptedSite)]
 
 
+def is_merged(model: nn.Module) -> bool:
+    """Whether a backbone weight in ``model`` holds a folded adapter delta (lily_lightning.merge)."""
+    return any(site.folded for site in adapted_sites(model))
+
+
+# A merged model's state_dict() holds what its tensors are (the backbone weights with the deltas added, and
+# the adapters), so `load_state_dict(state_dict())` and `export` see the merged model as it is. Under the
+# names of an unmerged model, though, such a state would load into a fresh injected model and apply each
+# delta twice (once in the weight, once by the branch). So the state is marked (one extra key) and every
+# injected model refuses a marked state. Loading anything into a merged model is refused too: the folded
+# deltas would stay in the weights while the adapters changed. Saving merged weights as unmerged ones
+# instead would make state_dict() disagree with the tensors the model computes with.
+def _mark_merged_state(module: nn.Module, state: dict[str, Any], prefix: str, _: Any) -> None:
+    if is_merged(module):
+        state[prefix + MERGED_KEY] = torch.tensor(True)
+
+
+def _refuse_merged_loads(module: nn.Module, state: Mapping[str, Any], prefix: str, *_: Any) -> None:
+    if is_merged(module):
+        raise UsageError(
+            "cannot load tensors into a merged model: the backbone weights hold the deltas of the adapters "
+            "it has now. Call lily_lightning.unmerge(model), load, then merge(model) again."
+        )
+    if prefix + MERGED_KEY in state:
+        raise UsageError(
+            "this state_dict was saved from a merged model (lily_lightning.merge): its backbone weights "
+            "already hold the adapters' deltas, so loading it with the adapters would apply them twice. "
+            "Save state_dict() after lily_lightning.unmerge(model), or only the adapters with "
+            "adapter_state_dict(model) (merging does not change them)."
+        )
+
+
 def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The injected ViT's own tensors under timm's names: adapters left out, the wrappers' ``.base`` undone.
 
@@ -109,7 +155,7 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     )
     state = {}
     for key, tensor in model.state_dict().items():
-        if key.startswith(f"{ADAPTERS_ATTR}."):
+        if key.startswith(f"{ADAPTERS_ATTR}.") or key == MERGED_KEY:
             continue
         for name in wrappers:
             wrapped = f"{name}.base."
@@ -185,6 +231,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     reference = next(model.parameters())
     adapters.to(device=reference.device, dtype=reference.dtype)
     model.add_module(ADAPTERS_ATTR, adapters)
+    model.register_state_dict_post_hook(_mark_merged_state)
+    model.register_load_state_dict_pre_hook(_refuse_merged_loads)
 
     for i, block in enumerate(blocks):
         by_module: dict[str, list[_Branch]] = {}

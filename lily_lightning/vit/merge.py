@@ -73,12 +73,17 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every linear adapter site (q, k, v, proj, fc1, fc2) into the frozen weights, in place.
 
     The merged model computes what the unmerged one computes in eval mode; the ``mlp`` site stays a side
-    branch with its fixed mix. It is for inference: :func:`unmerge` before training again. Raises
-    ``UsageError`` for input-dependent routing and for a model that is already merged.
+    branch with its fixed mix. It is for inference: it refuses train mode and loading tensors, and its
+    ``state_dict()`` loads into no unmerged model (see ``inject.MERGED_KEY``); :func:`unmerge` first. Raises
+    ``UsageError`` for input-dependent routing, a model in train mode and a model that is already merged.
     """
     vit = adapted_vit(model)
     if hasattr(vit, MERGED_ATTR):
         raise UsageError("this model is already merged; call lily_lightning.unmerge(model) first")
+    if any(module.training for module in vit.modules()):
+        # The folded deltas are the eval-mode ones (running or uniform mix, no dropout), and train mode
+        # computes another function: call eval() first, so what runs merged is what ran before.
+        raise UsageError("merge is for inference: call model.eval() before lily_lightning.merge(model)")
     adapters = getattr(vit, ADAPTERS_ATTR)
     _check_mergeable(adapters)
     merged = []
@@ -96,6 +101,7 @@ def merge(model: nn.Module) -> nn.Module:
                 rows = rows[branch.third * width : (branch.third + 1) * width]
             rows.add_(delta)
         site.branches = tuple(b for b in site.branches if b not in folded)
+        site.folded = tuple(folded)
     setattr(vit, MERGED_ATTR, merged)
     return model
 
@@ -109,5 +115,6 @@ def unmerge(model: nn.Module) -> nn.Module:
     for record in getattr(vit, MERGED_ATTR):
         record.site.linear.weight.copy_(record.original_weight)
         record.site.branches = record.branches
+        record.site.folded = ()
     delattr(vit, MERGED_ATTR)
     return model

@@ -54,7 +54,8 @@ def state_problems(
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load what :func:`adapter_state_dict` returned into an injected model built with the same config.
 
-    Raises ``ValueError`` naming every missing, unexpected or mis-shaped tensor.
+    Raises ``ValueError`` naming every missing, unexpected or mis-shaped tensor, and ``UsageError`` for a
+    merged model (see ``inject._refuse_merged_loads``).
     """
     problems = state_problems(adapter_state_dict(model), state)
     if problems:
@@ -62,8 +63,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
             "adapter state does not fit this model (was it saved with another adapter config or backbone?): "
             + "; ".join(problems)
         )
-    prefix = f"{ADAPTERS_ATTR}."
-    _adapters(model).load_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
+    # Through the model, not its adapters alone: its load hook refuses a merged model. The check above makes
+    # ``state`` exactly the adapter tensors, so strict=False only lets the backbone's stay as they are.
+    model.load_state_dict(state, strict=False)
 
 
 def count_parameters(model: nn.Module) -> int:
