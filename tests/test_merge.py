@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lily_lightning.inject import MERGED_KEY
 from test_inject import randomise_adapters, reference_forward
 from tiny_vits import tiny_vit
 
 from lily_lightning import LilyConfig, LoRAConfig, UsageError, inject, merge, unmerge
+from lily_lightning.vit.inject import MERGED_KEY
 
 ALL_SITES = ("q", "k", "v", "proj", "fc1", "fc2", "mlp")
 
