@@ -15,19 +15,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lily_lightning"
 # Each part of the package and the layer it sits on: a module may import its own part and lower layers only,
 # so two parts on one layer (vit and data; training and demo) never import each other.
 LAYERS = {
-    "errors": 0,
+    "errors": 0,  # the shared utilities sit below everything, in this order
     "seeding": 0,
-    "paths": 0,
-    "files": 0,
-    "adapters": 1,
-    "vit": 2,
-    "data": 2,
-    "training": 3,
-    "demo": 3,
-    "studies": 4,
-    "cli": 5,
-    "__main__": 6,
-    "__init__": 6,
+    "paths": 1,
+    "files": 2,
+    "adapters": 3,
+    "vit": 4,
+    "data": 4,
+    "training": 5,
+    "demo": 5,
+    "studies": 6,
+    "cli": 7,
+    "__main__": 8,
+    "__init__": 8,
 }
 # Third-party packages a part must not import: the method is pure torch, the ViT surgery knows no Lightning.
 FORBIDDEN = {
