@@ -1,14 +1,15 @@
 """The figures: learning curves, Lily's routing heatmaps, parameter counts, results bars.
 
 Every function returns a matplotlib ``Figure`` built without pyplot (no global state, no display needed, so
-it works under the Agg backend, in scripts, in `report` and in notebooks, where the figure shows when it is a
-cell's value) and writes a PNG when ``save`` is given. The same calls draw the README's, the CLI's and the
-notebooks' pictures.
+it works under the Agg backend, in scripts, in `report` and in notebooks) and writes a PNG when ``save`` is
+given. In Jupyter the figure shows as a picture when it is a cell's value or passed to ``display`` (see
+:class:`InlineFigure`). The same calls draw the README's, the CLI's and the notebooks' pictures.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,12 +29,34 @@ from .state import count_backbone_parameters
 RunDirs = Path | str | Sequence[Path | str] | Mapping[str, Path | str]
 
 
-def _finish(fig: Figure, save: Path | str | None) -> Figure:
-    fig.tight_layout()
+DPI = 120  # of the saved PNGs and of the pictures Jupyter shows
+
+
+class InlineFigure(Figure):
+    """A ``Figure`` that Jupyter shows as a PNG, as a cell's value or through ``display(fig)``.
+
+    IPython renders a plain ``Figure`` as a picture only once pyplot's inline backend has registered its
+    formatter (at a notebook's first pyplot figure); a figure built without pyplot before that shows as text,
+    ``<Figure size 940x480 with 4 Axes>``. ``_repr_png_`` is IPython's own hook, so this works in any
+    frontend and with any backend (after the inline backend loads, its formatter draws the figure instead).
+    """
+
+    def _repr_png_(self) -> bytes:
+        png = io.BytesIO()
+        self.savefig(png, format="png", dpi=DPI)
+        return png.getvalue()
+
+
+def _save(fig: Figure, save: Path | str | None) -> Figure:
     if save is not None:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=120)
+        fig.savefig(save, dpi=DPI)
     return fig
+
+
+def _finish(fig: Figure, save: Path | str | None) -> Figure:
+    fig.tight_layout()
+    return _save(fig, save)
 
 
 # -- learning curves ---------------------------------------------------------------------------------------
@@ -74,7 +97,7 @@ def learning_curves(runs: RunDirs, save: Path | str | None = None, title: str | 
 
     ``runs``: a run folder (``runs/<task>/<method>``), several, or ``{label: folder}``.
     """
-    fig = Figure(figsize=(13, 3.8))
+    fig = InlineFigure(figsize=(13, 3.8))
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3, sharex=True)
     for index, (label, run_dir) in enumerate(_named_runs(runs).items()):
         colour = f"C{index}"
@@ -202,7 +225,7 @@ def routing_heatmap(
 ) -> Figure:
     """One blocks x experts heatmap per site of the mean expert weight (each row sums to 1)."""
     sites = list(weights)
-    fig = Figure(figsize=(1.6 + 2.6 * len(sites), 4.8), layout="constrained")
+    fig = InlineFigure(figsize=(1.6 + 2.6 * len(sites), 4.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(sites), squeeze=False)[0])
     image = None
     for ax, site in zip(axes, sites, strict=True):
@@ -219,10 +242,7 @@ def routing_heatmap(
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="mean router weight", shrink=0.9)
     fig.suptitle(title or "Lily routing: mean expert weight per block")
-    if save is not None:  # constrained layout places the colour bar and the title; no tight_layout here
-        Path(save).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=120)
-    return fig
+    return _save(fig, save)  # constrained layout places the colour bar and the title; no tight_layout here
 
 
 # -- parameters --------------------------------------------------------------------------------------------
@@ -239,7 +259,7 @@ def parameter_plot(
     Counted on the real timm model built on the meta device (:func:`count_backbone_parameters`); full
     fine-tuning is the dashed line, a linear probe trains the head only (0 here).
     """
-    fig = Figure(figsize=(6.4, 4.4))
+    fig = InlineFigure(figsize=(6.4, 4.4))
     ax = fig.subplots()
     lora = [count_backbone_parameters(backbone, LoRAConfig(rank=r, alpha=r)) / 1e6 for r in ranks]
     ax.plot(ranks, lora, "o-", label="LoRA on q, v")
@@ -277,7 +297,7 @@ def results_bar_chart(
     methods = list(scores)
     tasks = list(tasks) if tasks is not None else sorted({t for s in scores.values() for t in s})
     width = 0.8 / max(1, len(methods))
-    fig = Figure(figsize=(max(6.0, 0.55 * len(tasks) * max(1, len(methods)) + 2), 4.4))
+    fig = InlineFigure(figsize=(max(6.0, 0.55 * len(tasks) * max(1, len(methods)) + 2), 4.4))
     ax = fig.subplots()
     for index, method in enumerate(methods):
         offsets = np.arange(len(tasks)) + (index - (len(methods) - 1) / 2) * width
