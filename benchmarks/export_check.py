@@ -31,7 +31,10 @@ def export_top1(args: argparse.Namespace) -> tuple[float, int]:
     model = load_exported(args.export).to(args.device)
     with safe_open(str(args.export), "pt") as f:
         metadata = f.metadata()
-    mean, std = (torch.tensor(json.loads(metadata[k]), device=args.device) for k in ("input_mean", "input_std"))
+    mean, std = (
+        torch.tensor(json.loads(metadata[key]), device=args.device).view(1, 3, 1, 1)
+        for key in ("input_mean", "input_std")
+    )
     data = VTAB1kDataModule(
         args.root, args.name, eval_batch_size=args.batch_size, num_workers=0, image_size=args.image_size
     )
@@ -43,7 +46,7 @@ def export_top1(args: argparse.Namespace) -> tuple[float, int]:
             if args.images:
                 images, labels = images[: args.images - seen], labels[: args.images - seen]
             images, labels = images.to(args.device), labels.to(args.device)
-            logits = model((images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+            logits = model((images - mean) / std)
             correct += int((logits.argmax(-1) == labels).sum())
             seen += len(labels)
             if seen == args.images:
