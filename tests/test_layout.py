@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lily_lightning"
 LAYERS = {
     "errors": 0,  # the shared utilities sit below everything, in this order
     "seeding": 0,
+    "figures": 0,
     "paths": 1,
     "files": 2,
     "adapters": 3,

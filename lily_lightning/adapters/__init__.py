@@ -2,7 +2,7 @@
 
 from .build import build_adapter
 from .config import EVAL_ROUTINGS, ROUTINGS, SITES, AdapterConfig, LilyConfig, LoRAConfig
-from .lily import LilyAdapter, mix_experts, mix_fixed, scaled_mix
+from .lily import LilyAdapter, mix_experts, mix_fixed, mixed_bank, scaled_mix
 from .lora import LoRAAdapter
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "build_adapter",
     "mix_experts",
     "mix_fixed",
+    "mixed_bank",
     "scaled_mix",
 ]

@@ -8,11 +8,17 @@ Pure torch. For block ``i`` and input ``x``::
 
 ``act`` is ReLU for the ``mlp`` site and identity elsewhere, and the ``mlp`` site has rank 2r
 (both as ``lily_adapter`` / ``set_lily_kv`` in the official ``visual-adaptation-benchmark/vit/lily.py``).
+
+Mixed precision (``torch.autocast``, Lightning's ``bf16-mixed`` / ``16-mixed``): the matmuls run in the
+autocast dtype like the backbone's, while the router's softmax, the expert weights ``w`` and the running
+mix stay float32: bfloat16 keeps 8 significant bits, so a weight near 1/E is exact to about 1e-3 - the size
+of the differences between experts early in training - and a running average's small steps round away.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +28,18 @@ from .config import EvalRouting, LilyConfig, Routing
 from .sync import global_mean, is_distributed
 
 
+def mixed_bank(weights: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+    """``sum_e w_e HP_e`` for weights (..., E): (..., r, out).
+
+    The (float32) weights are cast to the bank's dtype: ``tensordot`` refuses mixed dtypes even under
+    autocast, which then runs the product in its own dtype. A no-op for a float32 bank.
+    """
+    return torch.tensordot(weights.to(hp.dtype), hp, dims=1)
+
+
 def mix_fixed(z: torch.Tensor, weights: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
     """``z @ sum_e w_e HP_e`` for one mix ``weights`` (E,) shared by every row of ``z``."""
-    return z @ torch.tensordot(weights, hp, dims=1)
+    return z @ mixed_bank(weights, hp)
 
 
 class _ScaledMix(torch.autograd.Function):
@@ -33,30 +48,41 @@ class _ScaledMix(torch.autograd.Function):
     Plain autograd would also keep the scaled copy of ``z`` and the mixed (r, out) matrix. Backward
     forms ``G = z^T grad`` (r, out) once: ``d hp_e = s w_e G``, ``d w_e = s <G, HP_e>``,
     ``d z = s grad @ HP_mix^T``.
+
+    Under autocast, forward runs in the autocast region like any op, and backward re-enters the autocast
+    state forward saw, so its matmuls run in the dtype plain autograd's would. That is what
+    ``torch.amp.custom_fwd`` / ``custom_bwd`` do, but those fix one device type when they decorate; this
+    function reads the state of its input's device (CPU, CUDA, ...).
     """
 
     @staticmethod
     def forward(z: torch.Tensor, weights: torch.Tensor, hp: torch.Tensor, scale: float) -> torch.Tensor:
-        return z @ (torch.tensordot(weights, hp, dims=1) * scale)
+        return z @ (mixed_bank(weights, hp) * scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         z, weights, hp, scale = inputs
         ctx.save_for_backward(z, weights, hp)
         ctx.scale = scale
+        # The autocast state forward ran in; None when off (so float32 runs exactly as without autocast,
+        # and devices autocast does not know, such as meta, work too).
+        device = z.device.type
+        autocast_on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if autocast_on else None
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         z, weights, hp = ctx.saved_tensors
         grad_z = grad_weights = grad_hp = None
-        if ctx.needs_input_grad[0]:
-            grad_z = grad @ (torch.tensordot(weights, hp, dims=1) * ctx.scale).T
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gram = z.reshape(-1, z.shape[-1]).T @ grad.reshape(-1, grad.shape[-1]) * ctx.scale  # (r, out)
-            if ctx.needs_input_grad[1]:
-                grad_weights = torch.tensordot(hp, gram, dims=([1, 2], [0, 1]))
-            if ctx.needs_input_grad[2]:
-                grad_hp = weights[:, None, None] * gram
+        with nullcontext() if ctx.autocast is None else torch.autocast(*ctx.autocast):
+            if ctx.needs_input_grad[0]:
+                grad_z = grad @ (mixed_bank(weights, hp) * ctx.scale).T
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                gram = z.reshape(-1, z.shape[-1]).T @ grad.reshape(-1, grad.shape[-1]) * ctx.scale  # (r, out)
+                if ctx.needs_input_grad[1]:
+                    grad_weights = torch.tensordot(hp.to(gram.dtype), gram, dims=([1, 2], [0, 1]))
+                if ctx.needs_input_grad[2]:
+                    grad_hp = weights[:, None, None] * gram
         return grad_z, grad_weights, grad_hp, None
 
 
@@ -74,12 +100,13 @@ def mix_experts(z: torch.Tensor, probs: torch.Tensor, hp: torch.Tensor, routing:
     if routing == "sample":
         tokens = math.prod(z.shape[1:-1])  # not -1 in reshape: a zero-size batch (DDP's ragged end) is valid
         weights = probs.reshape(probs.shape[0], tokens, num_experts).mean(1)  # (B, E)
-        hp_mix = torch.tensordot(weights, hp, dims=1)  # (B, r, out)
+        hp_mix = mixed_bank(weights, hp)  # (B, r, out)
         flat = z.reshape(z.shape[0], tokens, rank)
         return torch.bmm(flat, hp_mix).reshape(*z.shape[:-1], out_features)
     # token: sum_e p_e (z @ HP_e) == (p outer z) @ [HP_1; ...; HP_E], one matmul over the concatenated
-    # bank, so no (B, N, E, out) tensor is ever built; the largest intermediate is (B, N, E * r).
-    gated = (probs.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
+    # bank, so no (B, N, E, out) tensor is ever built; the largest intermediate is (B, N, E * r), in z's
+    # dtype (per-token probabilities are no average: the autocast dtype holds them as it holds z).
+    gated = (probs.to(z.dtype).unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
     return gated @ hp.reshape(num_experts * rank, out_features)
 
 
@@ -149,7 +176,8 @@ class LilyAdapter(nn.Module):
         fixed = self.fixed_mix(block)
         if fixed is not None:
             return scaled_mix(z, fixed, self.hp, self.scale)
-        probs = F.softmax(self.router[block](z), dim=-1)
+        # float32 whatever the autocast dtype (CUDA's autocast does this for softmax, CPU's does not).
+        probs = F.softmax(self.router[block](z), dim=-1, dtype=torch.float32)
         if self.routing == "batch":
             return scaled_mix(z, self._batch_mix(probs, block), self.hp, self.scale)
         return mix_experts(z * self.scale, probs, self.hp, self.routing)
@@ -160,7 +188,8 @@ class LilyAdapter(nn.Module):
         # An empty local batch (a ragged DDP end) has a NaN mix unless it was averaged over the ranks.
         if self.training and (probs.numel() > 0 or (self.sync_routing and is_distributed())):
             with torch.no_grad():
-                self.running_mix[block].lerp_(mix, self.running_momentum)
+                # mix is float32; the buffer too unless the whole model was cast (model.to(torch.bfloat16)).
+                self.running_mix[block].lerp_(mix.to(self.running_mix.dtype), self.running_momentum)
         return mix
 
     def extra_repr(self) -> str:

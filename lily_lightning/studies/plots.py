@@ -1,9 +1,9 @@
 """The figures: learning curves, Lily's routing heatmaps, parameter counts, results bars.
 
 Every function returns a matplotlib ``Figure`` built without pyplot (no global state, no display needed, so
-it works under the Agg backend, in scripts, in `report` and in notebooks, where the figure shows when it is a
-cell's value) and writes a PNG when ``save`` is given. The same calls draw the README's, the CLI's and the
-notebooks' pictures.
+it works under the Agg backend, in scripts, in `report` and in notebooks) and writes a PNG when ``save`` is
+given. In Jupyter the figure shows as a picture when it is a cell's value or passed to ``display`` (see
+:class:`InlineFigure`). The same calls draw the README's, the CLI's and the notebooks' pictures.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..adapters import LilyAdapter, LilyConfig, LoRAConfig
+from ..figures import DPI, InlineFigure
 from ..training.confusion import confusion_matrix_figure as confusion_matrix_figure  # `test` draws it too
 from ..vit.inject import ADAPTERS_ATTR, adapted_vit
 from ..vit.state import count_backbone_parameters
@@ -29,12 +30,16 @@ from ..vit.state import count_backbone_parameters
 RunDirs = Path | str | Sequence[Path | str] | Mapping[str, Path | str]
 
 
-def _finish(fig: Figure, save: Path | str | None) -> Figure:
-    fig.tight_layout()
+def _save(fig: Figure, save: Path | str | None) -> Figure:
     if save is not None:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=120)
+        fig.savefig(save, dpi=DPI)
     return fig
+
+
+def _finish(fig: Figure, save: Path | str | None) -> Figure:
+    fig.tight_layout()
+    return _save(fig, save)
 
 
 # -- learning curves ---------------------------------------------------------------------------------------
@@ -75,7 +80,7 @@ def learning_curves(runs: RunDirs, save: Path | str | None = None, title: str | 
 
     ``runs``: a run folder (``runs/<task>/<method>``), several, or ``{label: folder}``.
     """
-    fig = Figure(figsize=(13, 3.8))
+    fig = InlineFigure(figsize=(13, 3.8))
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3, sharex=True)
     for index, (label, run_dir) in enumerate(_named_runs(runs).items()):
         colour = f"C{index}"
@@ -203,7 +208,7 @@ def routing_heatmap(
 ) -> Figure:
     """One blocks x experts heatmap per site of the mean expert weight (each row sums to 1)."""
     sites = list(weights)
-    fig = Figure(figsize=(1.6 + 2.6 * len(sites), 4.8), layout="constrained")
+    fig = InlineFigure(figsize=(1.6 + 2.6 * len(sites), 4.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(sites), squeeze=False)[0])
     image = None
     for ax, site in zip(axes, sites, strict=True):
@@ -220,10 +225,7 @@ def routing_heatmap(
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="mean router weight", shrink=0.9)
     fig.suptitle(title or "Lily routing: mean expert weight per block")
-    if save is not None:  # constrained layout places the colour bar and the title; no tight_layout here
-        Path(save).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=120)
-    return fig
+    return _save(fig, save)  # constrained layout places the colour bar and the title; no tight_layout here
 
 
 # -- parameters --------------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def parameter_plot(
     Counted on the real timm model built on the meta device (:func:`count_backbone_parameters`); full
     fine-tuning is the dashed line, a linear probe trains the head only (0 here).
     """
-    fig = Figure(figsize=(6.4, 4.4))
+    fig = InlineFigure(figsize=(6.4, 4.4))
     ax = fig.subplots()
     lora = [count_backbone_parameters(backbone, LoRAConfig(rank=r, alpha=r)) / 1e6 for r in ranks]
     ax.plot(ranks, lora, "o-", label="LoRA on q, v")
@@ -278,7 +280,7 @@ def results_bar_chart(
     methods = list(scores)
     tasks = list(tasks) if tasks is not None else sorted({t for s in scores.values() for t in s})
     width = 0.8 / max(1, len(methods))
-    fig = Figure(figsize=(max(6.0, 0.55 * len(tasks) * max(1, len(methods)) + 2), 4.4))
+    fig = InlineFigure(figsize=(max(6.0, 0.55 * len(tasks) * max(1, len(methods)) + 2), 4.4))
     ax = fig.subplots()
     for index, method in enumerate(methods):
         offsets = np.arange(len(tasks)) + (index - (len(methods) - 1) / 2) * width

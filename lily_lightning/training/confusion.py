@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..figures import InlineFigure
 from ..files import write_atomically
 
 CONFUSION_CSV = "confusion_matrix.csv"
@@ -59,7 +60,7 @@ def confusion_matrix_figure(
     matrix = np.asarray(matrix)
     classes = len(class_names)
     side = min(20.0, max(4.5, 0.45 * classes + 2.5))
-    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    fig = InlineFigure(figsize=(side + 1.2, side), layout="constrained")
     ax = fig.subplots()
     support = matrix.sum(1, keepdims=True)
     shares = np.divide(matrix, support, out=np.zeros(matrix.shape), where=support > 0)

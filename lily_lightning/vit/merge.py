@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import LilyAdapter, LoRAAdapter
+from ..adapters import LilyAdapter, LoRAAdapter, mixed_bank
 from ..errors import UsageError
 from .inject import ADAPTERS_ATTR, AdaptedSite, adapted_sites, adapted_vit
 
@@ -59,12 +59,17 @@ def _is_linear(adapter: nn.Module) -> bool:
 
 
 def delta_weight(adapter: nn.Module, block: int) -> torch.Tensor:
-    """The (out, in) matrix ``D`` with ``adapter(x, block) == x @ D^T`` in eval mode (a linear site)."""
-    if isinstance(adapter, LilyAdapter):
-        hp_mix = torch.tensordot(adapter.eval_mix(block), adapter.hp, dims=1)  # (r, out)
-        return adapter.scale * hp_mix.T @ adapter.lp[block // adapter.lp_stride].weight
-    if isinstance(adapter, LoRAAdapter):  # dropout is the identity at eval
-        return adapter.scaling * adapter.lora_b[block].weight @ adapter.lora_a[block].weight
+    """The (out, in) matrix ``D`` with ``adapter(x, block) == x @ D^T`` in eval mode (a linear site).
+
+    In the adapter's own dtype, also inside an autocast region (which would round a float32 ``D`` to
+    bfloat16 before it is added to float32 weights).
+    """
+    with torch.autocast(next(adapter.parameters()).device.type, enabled=False):
+        if isinstance(adapter, LilyAdapter):
+            hp_mix = mixed_bank(adapter.eval_mix(block), adapter.hp)  # (r, out)
+            return adapter.scale * hp_mix.T @ adapter.lp[block // adapter.lp_stride].weight
+        if isinstance(adapter, LoRAAdapter):  # dropout is the identity at eval
+            return adapter.scaling * adapter.lora_b[block].weight @ adapter.lora_a[block].weight
     raise TypeError(f"cannot merge a {type(adapter).__name__}")
 
 
