@@ -11,6 +11,7 @@ import lightning as L
 import timm
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
@@ -19,9 +20,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from .adapters import LilyConfig, LoRAConfig
 from .errors import UsageError
 from .inject import ADAPTERS_ATTR, inject
-from .results import write_result
+from .results import VALIDATION_FILE, write_result
 from .schedule import warmup_cosine_lr
-from .seeding import epoch_seed, run_seed
+from .seeding import configured_seed, epoch_seed, run_seed
 from .state import count_parameters, state_problems
 from .weights import load_backbone_weights
 
@@ -64,6 +65,12 @@ def create_backbone(
     if weights is not None:
         load_backbone_weights(model, weights)
     return model
+
+
+def _role_size(datamodule: Any, role: str, default: int) -> int:
+    """Images in a role's splits when the data module can say (``SplitDataModule``); else ``default``."""
+    dataset = getattr(datamodule, "dataset", None)
+    return len(dataset(role)) if callable(dataset) else default
 
 
 def update(metric: Metric, *values: torch.Tensor) -> None:
@@ -152,6 +159,7 @@ class ViTClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss = MeanMetric()  # per image, so a zero-size or ragged batch weighs what it holds
+        self.val_images = SumMetric()  # images counted, over every process (`validate` writes it)
         self.test_images = SumMetric()  # images counted, over every process: the test set size, once each
         self.val_acc_best = MaxMetric()
         # Checkpoints hold only the trainable tensors; the frozen backbone comes from `weights`.
@@ -207,6 +215,7 @@ class ViTClassifier(L.LightningModule):
         logits = self(images)
         update(self.val_acc, logits, labels)
         update(self.val_loss, F.cross_entropy(logits, labels, reduction="none"))
+        self.val_images.update(labels.numel())
         self.log("val/loss", self.val_loss)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
@@ -215,6 +224,34 @@ class ViTClassifier(L.LightningModule):
             return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+        images = int(self.val_images.compute())
+        self.val_images.reset()
+        if self.trainer.state.fn == TrainerFn.VALIDATING and self.trainer.is_global_zero:
+            self._write_validation(float(self.val_acc.compute()), images)
+
+    def _write_validation(self, top1: float, images: int) -> None:
+        """`validate`'s score as ``<run dir>/validation.json``: what `sweep --select-on val` ranks by."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        record = {
+            **self._run_description(),
+            "val_top1": top1,
+            "images": images,
+            "partial": images < _role_size(datamodule, "val", images),
+        }
+        write_result(Path(self.trainer.default_root_dir), record, VALIDATION_FILE)
+
+    def _run_description(self) -> dict[str, Any]:
+        """What tells this run apart from another one in a table: task, method, backbone, protocol, seed."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", None) or ())
+        return {
+            "task": getattr(datamodule, "task", None) or getattr(datamodule, "name", "?"),
+            "method": self.method,
+            "backbone": self.hparams.backbone,
+            "split_mode": getattr(datamodule, "split_mode", None),
+            "img_size": list(size) or None,
+            "seed": configured_seed(),
+        }
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -252,9 +289,7 @@ class ViTClassifier(L.LightningModule):
         # The same numbers for `python -m lily_lightning report` (and `sweep`, which skips finished runs),
         # plus the head's size so tables can count parameters without the head, as papers do.
         result = {
-            "task": task,
-            "method": self.method,
-            "backbone": self.hparams.backbone,
+            **self._run_description(),
             "trainable_params": self.trainable_parameters,
             "adapter_params": self.adapter_parameters,
             "head_params": sum(p.numel() for p in self.model.get_classifier().parameters()),

@@ -127,3 +127,71 @@ def test_missing_tasks_are_missing_never_zero(report) -> None:
 def test_report_of_an_empty_folder_is_a_usage_error(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_unreadable_and_partial_results_are_named_and_left_out(tmp_path: Path, capsys) -> None:
+    fake_run(tmp_path, "dtd", "lily", 0.8, 47)
+    fake_run(tmp_path, "eurosat", "lily", 0.9, 10)
+    write_result(tmp_path / "svhn" / "lily", {**_record("svhn", 0.99), "partial": True, "images": 8})
+    bad = {"cifar": "", "kitti": '{"task": "kitti", "top1": 0.', "dmlab": "[1, 2]", "sun397": '{"top1": 1}'}
+    for task, text in bad.items():
+        (tmp_path / task / "lily").mkdir(parents=True)
+        (tmp_path / task / "lily" / "result.json").write_text(text)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == len(bad) + 1 and "Traceback" not in err  # one line each
+    for task in [*bad, "svhn"]:
+        assert str(tmp_path / task / "lily" / "result.json") in err
+    assert "partial test (8 images)" in err
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    lily = markdown_rows(markdown, "VTAB-1k")["lily"]
+    assert lily["dtd"] == "80.0" and lily["eurosat"] == "90.0" and lily["svhn"] == lily["cifar"] == "-"
+    assert "## Not in the tables" in markdown and str(tmp_path / "svhn" / "lily" / "result.json") in markdown
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--routing-batches", "0"], "--routing-batches must be at least 1"), (["--out", "FILE"], "is a file")],
+)
+def test_report_options_that_cannot_work_are_one_message(tmp_path: Path, capsys, extra, message) -> None:
+    fake_run(tmp_path / "runs", "dtd", "lily", 0.8, 47)
+    (tmp_path / "FILE").write_text("my notes")
+    extra = [str(tmp_path / "FILE") if arg == "FILE" else arg for arg in extra]
+    assert main(["report", str(tmp_path / "runs"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert (tmp_path / "FILE").read_text() == "my notes"
+
+
+def _record(task: str, top1: float, **fields: object) -> dict[str, object]:
+    head = 768 * 10 + 10
+    record = {"task": task, "method": "lily", "trainable_params": ADAPTER["lily"] + head, "head_params": head}
+    return {**record, "top1": top1, "report": "final", **fields}
+
+
+def test_rows_keep_backbones_and_protocols_apart_and_duplicates_are_named(tmp_path: Path, capsys) -> None:
+    runs = tmp_path / "runs"
+    base = {"backbone": "vit_base_patch16_224", "split_mode": "train800val200", "img_size": [224, 224]}
+    write_result(runs / "dtd" / "lily", _record("dtd", 0.7, **base, seed=0))
+    # the same folder name under another task folder: another backbone, another protocol, another input size
+    write_result(runs / "eurosat" / "lily", _record("dtd", 0.6, **{**base, "backbone": "vit_small"}, seed=0))
+    write_result(runs / "kitti" / "lily", _record("dtd", 0.4, **{**base, "report": "best_of_evals"}, seed=0))
+    write_result(runs / "svhn" / "lily", _record("dtd", 0.3, **{**base, "img_size": [32, 32]}, seed=0))
+    # two runs of dtd with one backbone, protocol and seed (0.5 and 0.375): neither may win silently
+    write_result(runs / "cifar" / "lily", _record("cifar", 0.5, **base, seed=1))
+    write_result(runs / "cifar_copy" / "lily", _record("cifar", 0.375, **base, seed=1))
+    assert main(["report", str(runs), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    rows = markdown_rows((tmp_path / "out" / "results.md").read_text(), "VTAB-1k")
+    dtd = sorted(row["dtd"] for row in rows.values())
+    assert dtd == ["30.0", "40.0", "60.0", "70.0"]  # four rows, none merged
+    assert {row["backbone"] for row in rows.values()} == {"vit_base_patch16_224", "vit_small"}
+    assert {row["protocol"] for row in rows.values()} >= {
+        "final, train800val200, 224px",
+        "best_of_evals, train800val200, 224px",
+        "final, train800val200, 32px",
+    }
+    assert sorted(row["cifar"] for row in rows.values()) == ["-", "-", "-", "dup"]
+    duplicate = next(line for line in err.splitlines() if "duplicate" in line)
+    assert "cifar/lily/result.json (top1=0.5000)" in duplicate
+    assert "cifar_copy/lily/result.json (top1=0.3750)" in duplicate
