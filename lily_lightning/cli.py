@@ -20,6 +20,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
@@ -38,6 +39,7 @@ from .module import ViTClassifier
 from .paths import resolve_path, shown_path
 from .predictions import PredictionCSVWriter
 from .progress import PlainProgress
+from .training.run_lock import RunLock, RunLockHeartbeat, hold_for_fit
 
 USAGE = """usage: python -m lily_lightning {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
        python -m lily_lightning prepare demo [--cache-dir DIR] [--force]
@@ -52,8 +54,17 @@ class LilyCLI(LightningCLI):
 
     Unless the config says otherwise, a run writes to ``runs/<task>/<method>/``: CSV and TensorBoard logs,
     and ``checkpoints/last.ckpt`` (adapter + head + optimiser state, rewritten atomically every epoch) so
-    ``fit --ckpt_path last`` resumes an interrupted run; ``last`` means that file and no other.
+    ``fit --ckpt_path last`` resumes an interrupted run; ``last`` means that file and no other. `fit` holds
+    the run folder's lock (``training.run_lock``) until it ends, so two writers never train one run at once.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._own_run_lock: RunLock | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self._own_run_lock is not None:
+                self._own_run_lock.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -103,6 +114,10 @@ class LilyCLI(LightningCLI):
                 TensorBoardLogger(run_dir, name="tensorboard", default_hp_metric=False),
             ]
         callbacks = list(config.get("callbacks") or [])
+        if self.subcommand == "fit" and rank_zero_only.rank == 0:  # DDP: one process per run takes it
+            lock, owned = hold_for_fit(run_dir)
+            self._own_run_lock = lock if owned else None
+            callbacks.append(RunLockHeartbeat(lock))
 
         def wanted(kind: type, switch: str) -> bool:
             # None means "not set" in the parsed config; only an explicit False switches a default off.

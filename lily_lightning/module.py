@@ -97,7 +97,7 @@ class ViTClassifier(L.LightningModule):
             official Lily ViT code feeds [0, 1] pixels). Data modules yield [0, 1] pixels.
         drop_path_rate: stochastic depth in the frozen backbone (0.1 in the official code).
         label_smoothing: for the cross-entropy loss.
-        lr, weight_decay: AdamW on the trainable tensors (paper: 1e-3, 1e-4).
+        lr, weight_decay: AdamW on the trainable tensors (paper: 1e-3, 1e-4); lr 0 trains nothing.
         warmup_epochs, warmup_lr, min_lr: the cosine schedule (paper: 10 epochs from 1e-6, down to 1e-5).
         report: the accuracy the results line reports: ``final`` (the final model's test accuracy) or
             ``best_of_evals`` (the best of the validation evaluations and the final test, as the
@@ -319,12 +319,13 @@ class ViTClassifier(L.LightningModule):
         else:
             total_epochs = trainer.estimated_stepping_batches / steps_per_epoch
 
+        # LambdaLR scales the optimiser's lr; lr 0 (a grid's do-nothing point) keeps every step at 0.
+        per_lr = 1.0 / hp.lr if hp.lr else 0.0
+
         def factor(step: int) -> float:
             epoch = step / steps_per_epoch
-            return (
-                warmup_cosine_lr(epoch, hp.lr, total_epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr)
-                / hp.lr
-            )
+            lr = warmup_cosine_lr(epoch, hp.lr, total_epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr)
+            return lr * per_lr
 
         scheduler = LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
