@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import itertools
+import json
 import math
 import re
 import sys
@@ -28,6 +30,7 @@ from .data.tasks import FGVC_TASKS, VTAB_GROUPS, VTAB_TASKS, canonical_task, vta
 from .errors import UsageError
 from .plots import results_bar_chart, routing_heatmap, routing_weights_from_checkpoint
 from .results import RunResult, collect_results
+from .studies.grid import STUDY_FILE
 
 MISSING = "-"
 DUPLICATE = "dup"
@@ -119,6 +122,8 @@ class Row:
     values: dict[str, dict[Seed, float]] = field(default_factory=dict)
     params: set[int] = field(default_factory=set)
     duplicated: set[str] = field(default_factory=set)
+    selections: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> the chosen grid point
+    difference: bool = False  # a paired Lily - LoRA row: values are differences, shown with their sign
 
     def cell(self, column: Column) -> Stats | None:
         return stats([column_value(column, sample) for sample in seed_samples(self.values, column.tasks)])
@@ -177,6 +182,8 @@ def table_rows(results: Sequence[RunResult], runs_dir: Path, warn: Callable[[str
         claimed[(key, task, seed)] = result
         row.values.setdefault(task, {})[seed] = result.top1
         row.params.add(result.params_without_head)
+        if isinstance(selection := record.get("selection"), dict):
+            row.selections.setdefault(task, selection)
     found = list(rows.values())
     twins = {label: [row for row in found if row.label == label] for label in {row.label for row in found}}
     for row in found:  # two rows with one label: the label says what tells them apart
@@ -206,12 +213,38 @@ def tables(rows: Sequence[Row]) -> list[tuple[str, list[Column]]]:
     return found
 
 
+def paired_differences(rows: Sequence[Row]) -> list[Row]:
+    """A ``lily - lora`` row for each Lily row and LoRA row with one backbone and protocol: per task, the
+    difference of the two runs of each seed both have (one run each: that pair), so the spread shown is
+    the spread of paired differences over seeds."""
+    found = []
+    for lily, lora in itertools.product(rows, rows):
+        if (lily.method, lora.method) != ("lily", "lora") or (lily.backbone, lily.protocol) != (
+            lora.backbone,
+            lora.protocol,
+        ):
+            continue
+        difference = Row(f"{lily.label} - {lora.label}", "lily - lora", lily.backbone, lily.protocol)
+        difference.difference = True
+        for task in lily.values.keys() & lora.values.keys():
+            mine, theirs = lily.values[task], lora.values[task]
+            if len(mine) == len(theirs) == 1 and mine.keys() != theirs.keys():
+                pairs = {None: (next(iter(mine.values())), next(iter(theirs.values())))}
+            else:
+                pairs = {seed: (mine[seed], theirs[seed]) for seed in mine.keys() & theirs.keys()}
+            if pairs:
+                difference.values[task] = {seed: a - b for seed, (a, b) in pairs.items()}
+        found.append(difference)
+    return found
+
+
 def cell_text(row: Row, column: Column, seeds: int) -> str:
-    """``72.9``, ``72.9 ± 0.4 (n=3)``; ``†`` when fewer than ``seeds`` runs; ``dup`` / ``-`` for none."""
+    """``72.9``, ``72.9 ± 0.4 (n=3)`` (``+1.2 ± ...`` for a difference); ``†`` when fewer than ``seeds``
+    runs; ``dup`` / ``-`` for none."""
     value = row.cell(column)
     if value is None:
         return DUPLICATE if not column.is_mean and column.tasks[0] in row.duplicated else MISSING
-    text = f"{100 * value.mean:.1f}"
+    text = f"{100 * value.mean:+.1f}" if row.difference else f"{100 * value.mean:.1f}"
     if value.std is not None:
         text += f" ± {100 * value.std:.1f}"
     if seeds > 1:
@@ -262,6 +295,51 @@ def write_csv(path: Path, sections: list[tuple[str, list[Column]]], rows: Sequen
                     std = "" if value.std is None else f"{100 * value.std:.2f}"
                     cells += [f"{100 * value.mean:.2f}", std, str(value.n)]
             writer.writerow([row.label, row.backbone, row.params_text(), row.protocol, *cells])
+
+
+def write_seed_csv(path: Path, rows: Sequence[Row]) -> None:
+    """Long CSV, one line per run in the tables: row, task, seed and top-1 in percent."""
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["method", "backbone", "protocol", "task", "seed", "top1"])
+        for row in rows:
+            for task, seeds in row.values.items():
+                for seed, value in seeds.items():
+                    writer.writerow([row.label, row.backbone, row.protocol, task, seed, f"{100 * value:.2f}"])
+
+
+def selection_table(rows: Sequence[Row]) -> list[str]:
+    """The grid point `sweep --select-on val` chose per task and row, with the validation scores."""
+    chosen = [(task, row, choice) for row in rows for task, choice in sorted(row.selections.items())]
+    if not chosen:
+        return []
+    lines = [
+        "## Chosen hyper-parameters (selected on validation, never on test)",
+        "",
+        "| task | method | chosen | validation top-1 | other points (validation top-1) |",
+        "|---|---|---|---:|---|",
+    ]
+    for task, row, choice in chosen:
+        variant = choice.get("variant", "?")
+        candidates = choice.get("candidates") or {}
+        others = ", ".join(f"{v}: {100 * m:.1f}" for v, m in candidates.items() if v != variant)
+        tied = choice.get("tied_with") or []
+        tie = f" (tied with {', '.join(tied)}: the first in grid order)" if tied else ""
+        score = candidates.get(variant, choice.get("val_top1", math.nan))
+        lines.append(f"| {task} | {row.label} | {variant}{tie} | {100 * score:.1f} | {others or MISSING} |")
+    return [*lines, ""]
+
+
+def expected_seeds(runs_dir: Path, rows: Sequence[Row]) -> int:
+    """How many seeds a cell should have: the study's ``--seeds`` (``sweep_study.json``), else the most any
+    task of any row has."""
+    try:
+        seeds = json.loads((runs_dir / STUDY_FILE).read_text()).get("seeds")
+    except (OSError, ValueError, AttributeError):
+        seeds = None
+    if isinstance(seeds, list) and seeds:
+        return len(seeds)
+    return max((len(s) for row in rows for s in row.values.values()), default=1)
 
 
 def _latest_config(run_dir: Path) -> dict[str, Any] | None:
@@ -332,9 +410,10 @@ def write_report(
     results = collect_results(runs_dir, note)
     if not results:
         raise UsageError(f"no finished run under {runs_dir}: `test` writes <run>/result.json (see `sweep`)")
-    rows = table_rows(results, runs_dir, note)
+    runs = table_rows(results, runs_dir, note)
+    rows = [*runs, *paired_differences(runs)]
     sections = tables(rows)
-    seeds = max((len(s) for row in rows for s in row.values.values()), default=1)
+    seeds = expected_seeds(runs_dir, runs)
     out.mkdir(parents=True, exist_ok=True)
 
     lines = [
@@ -347,17 +426,25 @@ def write_report(
         f"`{MISSING}`: no finished run (a mean needs all of its tasks); `{DUPLICATE}`: only duplicate runs. "
         "A row is one run-folder name with one backbone and protocol (report, split mode, input size); "
         "with several seeds a cell is the mean ± sample std over seeds (n: how many), a mean column is "
-        f"taken per seed first; `{FEWER.strip()}`: fewer seeds than the most any cell has ({seeds}).",
+        f"taken per seed first; `{FEWER.strip()}`: fewer seeds than the study asked for ({seeds}). "
+        "A `lily - lora` row is the paired difference (same task, same seed) in points, with its spread.",
         "",
     ]
     for title, columns in sections:
         lines += markdown_table(title, columns, rows, seeds)
+    lines += selection_table(runs)
     write_csv(out / "results.csv", sections, rows)
+    write_seed_csv(out / "results_seeds.csv", runs)
 
     tasks = [c.title for _, columns in sections for c in columns if not c.is_mean]
-    done = [t for t in tasks if any(t in row.values for row in rows)]
-    means = {row.label: {t: cell.mean for t in done if (cell := row.cell(Column(t, (t,))))} for row in rows}
-    results_bar_chart(means, done, save=out / "results.png")
+    done = [t for t in tasks if any(t in row.values for row in runs)]
+    cells = {row.label: {t: cell for t in done if (cell := row.cell(Column(t, (t,))))} for row in runs}
+    results_bar_chart(
+        {label: {t: cell.mean for t, cell in found.items()} for label, found in cells.items()},
+        done,
+        save=out / "results.png",
+        errors={label: {t: cell.std or 0.0 for t, cell in found.items()} for label, found in cells.items()},
+    )
     lines += ["![top-1 per task](results.png)", "", "## Routing (Lily runs)", ""]
     lily_runs = [r for r in results if r.record.get("method") == "lily" and not r.partial]
     for result in lily_runs:

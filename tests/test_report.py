@@ -6,9 +6,11 @@ import csv
 from pathlib import Path
 
 import pytest
+from matplotlib.container import ErrorbarContainer
 
 from lily_lightning.cli import main
 from lily_lightning.data import FGVC_TASKS, VTAB_TASKS
+from lily_lightning.plots import results_bar_chart
 from lily_lightning.results import write_result
 
 # Hand-picked accuracies; the means below are worked out by hand from these numbers.
@@ -195,3 +197,54 @@ def test_rows_keep_backbones_and_protocols_apart_and_duplicates_are_named(tmp_pa
     duplicate = next(line for line in err.splitlines() if "duplicate" in line)
     assert "cifar/lily/result.json (top1=0.5000)" in duplicate
     assert "cifar_copy/lily/result.json (top1=0.3750)" in duplicate
+
+
+# Three seeds per run; beta's Lily run of seed 2 is missing. Means and sample stds (n - 1) by hand:
+#   lily alpha .70 .74 .72 -> 72.0 ± 2.0;  lora alpha .60 .66 .69 -> 65.0 ± sqrt(.0042 / 2) = 4.6
+#   lily - lora alpha: .10 .08 .03 -> +7.0 ± sqrt(.0026 / 2) = 3.6
+#   lily beta .50 .54 (n=2) -> 52.0 ± sqrt(.0008) = 2.8;  lora beta .40 .46 .43 -> 43.0 ± 3.0
+#   lily - lora beta, paired seeds 0 and 1: .10 .08 -> +9.0 ± sqrt(.0002) = 1.4
+SEEDED = {
+    ("alpha", "lily"): [0.70, 0.74, 0.72],
+    ("alpha", "lora"): [0.60, 0.66, 0.69],
+    ("beta", "lily"): [0.50, 0.54],
+    ("beta", "lora"): [0.40, 0.46, 0.43],
+}
+CHOICE = {"on": "val", "point": {"model.lr": "1e-3"}, "variant": "lr=1e-3", "val_top1": 0.8,
+          "candidates": {"lr=1e-3": 0.8, "lr=0": 0.3}, "tied_with": []}  # fmt: skip
+
+
+def test_spread_over_seeds_and_paired_differences_equal_hand_computed_values(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for (task, method), values in SEEDED.items():
+        for seed, top1 in enumerate(values):
+            record = {**_record(task, top1, seed=seed), "method": method}
+            if method == "lily":
+                record["selection"] = CHOICE
+            write_result(runs / task / method / f"seed{seed}", record)
+    (runs / "sweep_study.json").write_text('{"seeds": [0, 1, 2]}')
+    assert main(["report", str(runs), "--out", str(tmp_path / "out"), "--routing-batches", "1"]) == 0
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    rows = markdown_rows(markdown, "Other tasks")
+    assert rows["lily"]["alpha"] == "72.0 ± 2.0 (n=3)" and rows["lora"]["alpha"] == "65.0 ± 4.6 (n=3)"
+    assert rows["lily"]["beta"] == "52.0 ± 2.8 (n=2) †" and rows["lora"]["beta"] == "43.0 ± 3.0 (n=3)"
+    assert rows["lily - lora"]["alpha"] == "+7.0 ± 3.6 (n=3)"
+    assert rows["lily - lora"]["beta"] == "+9.0 ± 1.4 (n=2) †"
+    assert "| alpha | lily | lr=1e-3 | 80.0 | lr=0: 30.0 |" in markdown  # the chosen hyper-parameters
+    with (tmp_path / "out" / "results.csv").open() as file:
+        table = {row["method"]: row for row in csv.DictReader(file)}
+    assert (table["lora"]["alpha"], table["lora"]["alpha std"], table["lora"]["alpha n"]) == (
+        "65.00",
+        "4.58",
+        "3",
+    )
+    assert (table["lily - lora"]["beta"], table["lily - lora"]["beta std"]) == ("9.00", "1.41")
+    with (tmp_path / "out" / "results_seeds.csv").open() as file:
+        assert len(list(csv.DictReader(file))) == sum(len(v) for v in SEEDED.values())
+
+
+def test_bar_chart_error_bars_span_the_spread() -> None:
+    fig = results_bar_chart({"lily": {"dtd": 0.72}}, ["dtd"], errors={"lily": {"dtd": 0.02}})
+    (error_bar,) = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    (segment,) = error_bar.lines[2][0].get_segments()
+    assert [y for _, y in segment] == pytest.approx([70.0, 74.0])
