@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_epoch_config
 
 from lily_lightning.cli import main
 from lily_lightning.data import write_synthetic_vtab_task
@@ -32,40 +33,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("studies")
     for index, name in enumerate(TASKS):
         write_synthetic_vtab_task(root / "data", name, 4, n_train800=8, n_val200=8, n_test=8, seed=index)
-    config = root / "tiny.yaml"
-    config.write_text(
-        f"""
-seed_everything: 0
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  deterministic: true
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  num_sanity_val_steps: 0
-model:
-  backbone: test_vit
-  pretrained: false
-  img_size: 32
-  lily: {{rank: 2, num_experts: 2}}
-  lora: {{rank: 2, alpha: 2}}
-  drop_path_rate: 0.0
+    trainer = "  deterministic: true\n  logger: false\n  num_sanity_val_steps: 0"
+    model = """  backbone: test_vit
+  lily: {rank: 2, num_experts: 2}
+  lora: {rank: 2, alpha: 2}
   lr: 3.0e-3
   warmup_epochs: 0
-  min_lr: 0.0
-data:
-  class_path: lily_lightning.data.VTAB1kDataModule
-  init_args:
-    root: {root / "data"}
-    name: alpha
-    batch_size: 8
-    eval_batch_size: 8
-    num_workers: 0
-    image_size: 32
-"""
-    )
+  min_lr: 0.0"""
+    config = one_epoch_config(root / "tiny.yaml", root / "data", trainer, model)
     return config, root
 
 

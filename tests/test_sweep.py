@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import one_epoch_config
 
 from lily_lightning.cli import main
 from lily_lightning.data import write_synthetic_vtab_task
@@ -26,37 +27,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     weights = root / "vit_tiny.pth"
     torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).state_dict(), weights)
-    config = root / "tiny.yaml"
-    config.write_text(
-        f"""
-seed_everything: 0
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-model:
-  backbone: vit_tiny_patch16_224
+    model = f"""  backbone: vit_tiny_patch16_224
   weights: {weights}
-  pretrained: false
-  img_size: 32
   lily: {{rank: 4, num_experts: 2}}
-  drop_path_rate: 0.0
   lr: 3.0e-3
-  warmup_epochs: 0.5
-data:
-  class_path: lily_lightning.data.VTAB1kDataModule
-  init_args:
-    root: {root / "data"}
-    name: alpha
-    batch_size: 8
-    eval_batch_size: 16
-    num_workers: 0
-    image_size: 32
-"""
-    )
+  warmup_epochs: 0.5"""
+    config = one_epoch_config(root / "tiny.yaml", root / "data", "  log_every_n_steps: 1", model)
     return config, root / "runs"
 
 
