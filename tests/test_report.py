@@ -6,9 +6,11 @@ import csv
 from pathlib import Path
 
 import pytest
+from matplotlib.container import ErrorbarContainer
 
 from lily_lightning.cli import main
 from lily_lightning.data import FGVC_TASKS, VTAB_TASKS
+from lily_lightning.studies.plots import results_bar_chart
 from lily_lightning.training.results import write_result
 
 # Hand-picked accuracies; the means below are worked out by hand from these numbers.
@@ -127,3 +129,122 @@ def test_missing_tasks_are_missing_never_zero(report) -> None:
 def test_report_of_an_empty_folder_is_a_usage_error(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_unreadable_and_partial_results_are_named_and_left_out(tmp_path: Path, capsys) -> None:
+    fake_run(tmp_path, "dtd", "lily", 0.8, 47)
+    fake_run(tmp_path, "eurosat", "lily", 0.9, 10)
+    write_result(tmp_path / "svhn" / "lily", {**_record("svhn", 0.99), "partial": True, "images": 8})
+    bad = {"cifar": "", "kitti": '{"task": "kitti", "top1": 0.', "dmlab": "[1, 2]", "sun397": '{"top1": 1}'}
+    for task, text in bad.items():
+        (tmp_path / task / "lily").mkdir(parents=True)
+        (tmp_path / task / "lily" / "result.json").write_text(text)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == len(bad) + 1 and "Traceback" not in err  # one line each
+    for task in [*bad, "svhn"]:
+        assert str(tmp_path / task / "lily" / "result.json") in err
+    assert "partial test (8 images)" in err
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    lily = markdown_rows(markdown, "VTAB-1k")["lily"]
+    assert lily["dtd"] == "80.0" and lily["eurosat"] == "90.0" and lily["svhn"] == lily["cifar"] == "-"
+    assert "## Not in the tables" in markdown and str(tmp_path / "svhn" / "lily" / "result.json") in markdown
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--routing-batches", "0"], "--routing-batches must be at least 1"), (["--out", "FILE"], "is a file")],
+)
+def test_report_options_that_cannot_work_are_one_message(tmp_path: Path, capsys, extra, message) -> None:
+    fake_run(tmp_path / "runs", "dtd", "lily", 0.8, 47)
+    (tmp_path / "FILE").write_text("my notes")
+    extra = [str(tmp_path / "FILE") if arg == "FILE" else arg for arg in extra]
+    assert main(["report", str(tmp_path / "runs"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert (tmp_path / "FILE").read_text() == "my notes"
+
+
+def _record(task: str, top1: float, **fields: object) -> dict[str, object]:
+    head = 768 * 10 + 10
+    record = {"task": task, "method": "lily", "trainable_params": ADAPTER["lily"] + head, "head_params": head}
+    return {**record, "top1": top1, "report": "final", **fields}
+
+
+def test_rows_keep_backbones_and_protocols_apart_and_duplicates_are_named(tmp_path: Path, capsys) -> None:
+    runs = tmp_path / "runs"
+    base = {"backbone": "vit_base_patch16_224", "split_mode": "train800val200", "img_size": [224, 224]}
+    write_result(runs / "dtd" / "lily", _record("dtd", 0.7, **base, seed=0))
+    # the same folder name under another task folder: another backbone, another protocol, another input size
+    write_result(runs / "eurosat" / "lily", _record("dtd", 0.6, **{**base, "backbone": "vit_small"}, seed=0))
+    write_result(runs / "kitti" / "lily", _record("dtd", 0.4, **{**base, "report": "best_of_evals"}, seed=0))
+    write_result(runs / "svhn" / "lily", _record("dtd", 0.3, **{**base, "img_size": [32, 32]}, seed=0))
+    # two runs of dtd with one backbone, protocol and seed (0.5 and 0.375): neither may win silently
+    write_result(runs / "cifar" / "lily", _record("cifar", 0.5, **base, seed=1))
+    write_result(runs / "cifar_copy" / "lily", _record("cifar", 0.375, **base, seed=1))
+    assert main(["report", str(runs), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    rows = markdown_rows((tmp_path / "out" / "results.md").read_text(), "VTAB-1k")
+    dtd = sorted(row["dtd"] for row in rows.values())
+    assert dtd == ["30.0", "40.0", "60.0", "70.0"]  # four rows, none merged
+    assert {row["backbone"] for row in rows.values()} == {"vit_base_patch16_224", "vit_small"}
+    assert {row["protocol"] for row in rows.values()} >= {
+        "final, train800val200, 224px",
+        "best_of_evals, train800val200, 224px",
+        "final, train800val200, 32px",
+    }
+    assert sorted(row["cifar"] for row in rows.values()) == ["-", "-", "-", "dup"]
+    duplicate = next(line for line in err.splitlines() if "duplicate" in line)
+    assert "cifar/lily/result.json (top1=0.5000)" in duplicate
+    assert "cifar_copy/lily/result.json (top1=0.3750)" in duplicate
+
+
+# Three seeds per run; beta's Lily run of seed 2 is missing. Means and sample stds (n - 1) by hand:
+#   lily alpha .70 .74 .72 -> 72.0 ± 2.0;  lora alpha .60 .66 .69 -> 65.0 ± sqrt(.0042 / 2) = 4.6
+#   lily - lora alpha: .10 .08 .03 -> +7.0 ± sqrt(.0026 / 2) = 3.6
+#   lily beta .50 .54 (n=2) -> 52.0 ± sqrt(.0008) = 2.8;  lora beta .40 .46 .43 -> 43.0 ± 3.0
+#   lily - lora beta, paired seeds 0 and 1: .10 .08 -> +9.0 ± sqrt(.0002) = 1.4
+SEEDED = {
+    ("alpha", "lily"): [0.70, 0.74, 0.72],
+    ("alpha", "lora"): [0.60, 0.66, 0.69],
+    ("beta", "lily"): [0.50, 0.54],
+    ("beta", "lora"): [0.40, 0.46, 0.43],
+}
+CHOICE = {"on": "val", "point": {"model.lr": "1e-3"}, "variant": "lr=1e-3", "val_top1": 0.8,
+          "candidates": {"lr=1e-3": 0.8, "lr=0": 0.3}, "tied_with": []}  # fmt: skip
+
+
+def test_spread_over_seeds_and_paired_differences_equal_hand_computed_values(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for (task, method), values in SEEDED.items():
+        for seed, top1 in enumerate(values):
+            record = {**_record(task, top1, seed=seed), "method": method}
+            if method == "lily":
+                record["selection"] = CHOICE
+            write_result(runs / task / method / f"seed{seed}", record)
+    (runs / "sweep_study.json").write_text('{"seeds": [0, 1, 2]}')
+    assert main(["report", str(runs), "--out", str(tmp_path / "out"), "--routing-batches", "1"]) == 0
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    rows = markdown_rows(markdown, "Other tasks")
+    assert rows["lily"]["alpha"] == "72.0 ± 2.0 (n=3)" and rows["lora"]["alpha"] == "65.0 ± 4.6 (n=3)"
+    assert rows["lily"]["beta"] == "52.0 ± 2.8 (n=2) †" and rows["lora"]["beta"] == "43.0 ± 3.0 (n=3)"
+    assert rows["lily - lora"]["alpha"] == "+7.0 ± 3.6 (n=3)"
+    assert rows["lily - lora"]["beta"] == "+9.0 ± 1.4 (n=2) †"
+    assert "| alpha | lily | lr=1e-3 | 80.0 | lr=0: 30.0 |" in markdown  # the chosen hyper-parameters
+    with (tmp_path / "out" / "results.csv").open() as file:
+        table = {row["method"]: row for row in csv.DictReader(file)}
+    assert (table["lora"]["alpha"], table["lora"]["alpha std"], table["lora"]["alpha n"]) == (
+        "65.00",
+        "4.58",
+        "3",
+    )
+    assert (table["lily - lora"]["beta"], table["lily - lora"]["beta std"]) == ("9.00", "1.41")
+    with (tmp_path / "out" / "results_seeds.csv").open() as file:
+        assert len(list(csv.DictReader(file))) == sum(len(v) for v in SEEDED.values())
+
+
+def test_bar_chart_error_bars_span_the_spread() -> None:
+    fig = results_bar_chart({"lily": {"dtd": 0.72}}, ["dtd"], errors={"lily": {"dtd": 0.02}})
+    (error_bar,) = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    (segment,) = error_bar.lines[2][0].get_segments()
+    assert [y for _, y in segment] == pytest.approx([70.0, 74.0])

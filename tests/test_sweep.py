@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from conftest import one_epoch_config
 
 from lily_lightning.cli import main
 from lily_lightning.data import write_synthetic_vtab_task
@@ -25,37 +27,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     weights = root / "vit_tiny.pth"
     torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).state_dict(), weights)
-    config = root / "tiny.yaml"
-    config.write_text(
-        f"""
-seed_everything: 0
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-model:
-  backbone: vit_tiny_patch16_224
+    model = f"""  backbone: vit_tiny_patch16_224
   weights: {weights}
-  pretrained: false
-  img_size: 32
   lily: {{rank: 4, num_experts: 2}}
-  drop_path_rate: 0.0
   lr: 3.0e-3
-  warmup_epochs: 0.5
-data:
-  class_path: lily_lightning.data.VTAB1kDataModule
-  init_args:
-    root: {root / "data"}
-    name: alpha
-    batch_size: 8
-    eval_batch_size: 16
-    num_workers: 0
-    image_size: 32
-"""
-    )
+  warmup_epochs: 0.5"""
+    config = one_epoch_config(root / "tiny.yaml", root / "data", "  log_every_n_steps: 1", model)
     return config, root / "runs"
 
 
@@ -109,3 +86,96 @@ def test_task_lists_and_per_task_configs() -> None:
     # FGVC's oxford_flowers is not VTAB's oxford_flowers102, whose alias it also is
     assert run_configs([base], "oxford_flowers", "lily") == [base, configs / "fgvc" / "oxford_flowers.yaml"]
     assert run_configs([base], "mine", "lily") == [base]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--data.name", "beta"],
+        ["--data.init_args.name=beta"],
+        ["--trainer.default_root_dir", "elsewhere"],
+        ["--model.method", "lora"],
+        ["--ckpt_path", "last"],
+    ],
+)
+def test_per_run_keys_after_the_separator_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("trainer: {max_epochs: 1}\n")
+    runs = tmp_path / "runs"
+    args = ["sweep", "--config", str(config), "--tasks", "alpha", "gamma", "--runs-dir", str(runs)]
+    assert main([*args, "--", "--trainer.max_steps", "2", *extra]) == 2
+    err = capsys.readouterr().err
+    assert extra[0] in err and "per run" in err and "Traceback" not in err
+    assert not (runs / "alpha").exists()
+
+
+def finished_run(run_dir: Path, task: str, **fields: object) -> Path:
+    """A result.json as `test` writes it (4 classes, a 10-parameter head)."""
+    record = {"task": task, "method": "lily", "trainable_params": 110, "head_params": 10, "top1": 0.5}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").write_text(json.dumps({**record, **fields}))
+    return run_dir / "result.json"
+
+
+def test_a_rerun_with_other_settings_says_so_and_retrains_only_with_rerun(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{init_args: {{root: {tmp_path / 'no_data'}}}}}\n")
+    runs = tmp_path / "runs"
+    args = ["sweep", "--config", str(config), "--tasks", "alpha", "--runs-dir", str(runs)]
+    # A run recorded by a sweep with `-- --trainer.max_steps 2` (no data here: it stops at once), then
+    # finished (its result.json, as `test` writes it).
+    assert main([*args, "--", "--trainer.max_steps", "2"]) == 1
+    result = finished_run(runs / "alpha" / "lily", "alpha")
+    capsys.readouterr()
+
+    assert main([*args, "--", "--trainer.max_steps", "3"]) == 1  # not skipped as finished: not run at all
+    out = capsys.readouterr().out
+    assert "alpha lily: not run:" in out and "--trainer.max_steps 2 -> --trainer.max_steps 3" in out
+    assert "--rerun" in out and "--runs-dir" in out and result.is_file()
+    config.write_text(config.read_text() + "trainer: {max_epochs: 1}\n")  # an edited config is a change too
+    assert main([*args, "--", "--trainer.max_steps", "2"]) == 1
+    assert f"{config} changed since" in capsys.readouterr().out
+
+    # --rerun: the old result goes, and the run starts again (here it cannot: there is no data).
+    assert main([*args, "--rerun", "--", "--trainer.max_steps", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "starting again (--rerun)" in out and "alpha lily: not finished: error:" in out
+    assert not result.exists()
+    recorded = json.loads((runs / "alpha" / "lily" / "sweep_run.json").read_text())
+    run_keys = ["--data.name", "alpha", "--model.method", "lily", "--trainer.default_root_dir"]
+    # the exact arguments, beside the run: the per-run keys last, so nothing after -- can override them
+    assert recorded["args"][-8:] == ["--trainer.max_steps", "3", *run_keys, str(runs / "alpha" / "lily")]
+    assert [step[0] for step in recorded["steps"]] == ["fit", "test"]
+
+
+def test_partial_and_unreadable_results_are_not_finished_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    method = "lily"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{init_args: {{root: {tmp_path / 'no_data'}}}}}\n")
+    runs = tmp_path / "runs"
+    finished_run(runs / "partial" / method, "partial", partial=True, images=8)
+    bad = {
+        "empty": "",
+        "corrupt": '{"task": "corrupt", "top1": 0.',
+        "foreign": '["not", "a", "result"]',
+        "other": '{"task": "other", "accuracy": 0.5}',
+    }
+    for task, text in bad.items():
+        (runs / task / method).mkdir(parents=True)
+        (runs / task / method / "result.json").write_text(text)
+    tasks = ["partial", *bad]
+    args = ["sweep", "--config", str(config), "--tasks", *tasks, "--runs-dir", str(runs)]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "partial lily: " in out and "is a partial test (8 images): evaluating again" in out
+    for task in bad:
+        warning = next(line for line in out.splitlines() if f"{task} lily: warning:" in line)
+        assert str(runs / task / method / "result.json") in warning  # the file, named
+    # none was taken as finished: each was run again (and, without data, did not finish)
+    assert out.count("lily: not finished: error:") == len(tasks) and "Traceback" not in out

@@ -272,10 +272,12 @@ def results_bar_chart(
     tasks: Sequence[str] | None = None,
     save: Path | str | None = None,
     title: str = "Top-1 accuracy per task",
+    errors: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Figure:
     """Grouped bars: one group per task, one bar per method; ``scores[method][task]`` in [0, 1].
 
-    A task a method has no result for gets no bar and a "-" mark (never a zero bar).
+    A task a method has no result for gets no bar and a "-" mark (never a zero bar). ``errors[method][task]``
+    (the std over seeds, in [0, 1]) draws an error bar.
     """
     methods = list(scores)
     tasks = list(tasks) if tasks is not None else sorted({t for s in scores.values() for t in s})
@@ -289,7 +291,9 @@ def results_bar_chart(
         ]
         if present:
             xs, ys = zip(*present, strict=True)
-            bars = ax.bar(xs, ys, width, label=method, color=f"C{index}")
+            spread = (errors or {}).get(method, {})
+            yerr = [100 * spread.get(t, 0.0) for t in tasks if t in scores[method]] if spread else None
+            bars = ax.bar(xs, ys, width, label=method, color=f"C{index}", yerr=yerr, capsize=3)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         for x, task in zip(offsets, tasks, strict=True):
             if task not in scores[method]:

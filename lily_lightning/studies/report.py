@@ -3,9 +3,10 @@
 Reads every ``result.json`` that `test` wrote under RUNS_DIR (``runs/<task>/<method>/``) and writes
 ``results.md`` and ``results.csv`` laid out as the paper's Table 1 (VTAB-1k: 19 tasks in their three groups,
 each group's mean, the mean over the 19 tasks and the mean of the three group means) and its FGVC table
-(5 tasks and their mean), one row per method, with the trainable parameters in millions without the head.
-It also draws ``results.png`` (bars per task and method) and ``routing_<task>_<method>.png`` per Lily run.
-A task with no run is "-" (empty in the CSV), never 0; a mean needs all of its tasks.
+(5 tasks and their mean), one row per run-folder name, backbone and protocol, with the trainable parameters
+in millions without the head. It also draws ``results.png`` (bars per task and row) and
+``routing_<run folder>.png`` per Lily run. A task with no run is "-" (empty in the CSV), never 0; a mean
+needs all of its tasks. Runs in ``seed<k>`` folders (or recording their seed) give mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+import itertools
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +29,13 @@ import yaml
 from ..data.tasks import FGVC_TASKS, VTAB_GROUPS, VTAB_TASKS, canonical_task, vtab_group_means
 from ..errors import UsageError
 from ..training.results import RunResult, collect_results
+from .grid import STUDY_FILE
 from .plots import results_bar_chart, routing_heatmap, routing_weights_from_checkpoint
 
 MISSING = "-"
+DUPLICATE = "dup"
+FEWER = " †"
+SEED_FOLDER = re.compile(r"seed(-?\d+)")
 GROUP_TITLES = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
 TASK_MEAN = "Mean (19 tasks)"
 GROUP_MEAN = "Mean (3 group means)"
@@ -57,10 +67,8 @@ def fgvc_columns() -> list[Column]:
     return [*(Column(name, (name,)) for name in names), Column(FGVC_MEAN, names, is_mean=True)]
 
 
-def cell_value(column: Column, accuracy: dict[str, float]) -> float | None:
-    """Accuracy (0..1) of a task column, or the column's mean; None when a task it needs has no run."""
-    if not all(task in accuracy for task in column.tasks):
-        return None
+def column_value(column: Column, accuracy: Mapping[str, float]) -> float:
+    """A task column's accuracy (0..1), or the column's mean, from one value per task of the column."""
     values = {task: accuracy[task] for task in column.tasks}
     if column.title == GROUP_MEAN:
         return vtab_group_means(values)["group_mean"]
@@ -69,34 +77,131 @@ def cell_value(column: Column, accuracy: dict[str, float]) -> float | None:
     return sum(values.values()) / len(values)
 
 
+@dataclass(frozen=True)
+class Stats:
+    """A cell: mean over seeds, their sample standard deviation (None for one seed), and how many."""
+
+    mean: float
+    std: float | None
+    n: int
+
+
+def stats(values: Sequence[float]) -> Stats | None:
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return Stats(mean, None, 1)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return Stats(mean, math.sqrt(variance), len(values))
+
+
+Seed = int | None
+
+
+def seed_samples(values: Mapping[str, Mapping[Seed, float]], tasks: Sequence[str]) -> list[dict[str, float]]:
+    """One ``{task: accuracy}`` per seed that every task of ``tasks`` has; a row with one run per task (of
+    any seeds) is one sample. Empty when a task has no run: a mean needs all of its tasks."""
+    if not all(values.get(task) for task in tasks):
+        return []
+    if all(len(values[task]) == 1 for task in tasks):
+        return [{task: next(iter(values[task].values())) for task in tasks}]
+    common = set.intersection(*(set(values[task]) for task in tasks))
+    return [{task: values[task][seed] for task in tasks} for seed in sorted(common, key=str)]
+
+
 @dataclass
-class MethodRow:
-    """One table row: a method's accuracy per task and its parameter counts (head excluded)."""
+class Row:
+    """One table row: runs with the same folder label, backbone and protocol; ``values[task][seed]`` is a
+    run's top-1, and ``duplicated`` the tasks where two runs claimed the same seed (left out, and named)."""
 
     label: str
-    accuracy: dict[str, float]
-    params: set[int]
-    protocols: set[str]
+    method: str
+    backbone: str
+    protocol: str
+    values: dict[str, dict[Seed, float]] = field(default_factory=dict)
+    params: set[int] = field(default_factory=set)
+    duplicated: set[str] = field(default_factory=set)
+    selections: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> the chosen grid point
+    difference: bool = False  # a paired Lily - LoRA row: values are differences, shown with their sign
+
+    def cell(self, column: Column) -> Stats | None:
+        return stats([column_value(column, sample) for sample in seed_samples(self.values, column.tasks)])
 
     def params_text(self) -> str:
+        if not self.params:
+            return MISSING
         low, high = min(self.params) / 1e6, max(self.params) / 1e6
         return f"{low:.3f}" if low == high else f"{low:.3f}-{high:.3f}"
 
 
-def method_rows(results: Sequence[RunResult]) -> list[MethodRow]:
-    """One row per run-folder name (``runs/<task>/<label>``), in order of first appearance."""
-    rows: dict[str, MethodRow] = {}
+def run_label(result: RunResult, runs_dir: Path) -> tuple[str, Seed]:
+    """The row label of a run folder and its seed: ``runs/<task>/<label...>[/seed<k>]``; the seed is the one
+    the result records, else the ``seed<k>`` folder's."""
+    parts = list(result.run_dir.relative_to(runs_dir).parts)
+    seed = result.record.get("seed")
+    if parts and (match := SEED_FOLDER.fullmatch(parts[-1])):
+        parts.pop()
+        seed = int(match.group(1)) if seed is None else seed
+    label = "/".join(parts[1:]) or (parts[0] if parts else runs_dir.name)
+    return label, seed if isinstance(seed, int) else None
+
+
+def protocol_text(record: Mapping[str, Any]) -> str:
+    """What the number means and how it was got: the report kind, the split mode and the input size."""
+    size = record.get("img_size")
+    parts = [str(record.get("report", "?")), record.get("split_mode")]
+    if isinstance(size, list) and size:
+        parts.append(f"{size[0]}px" if len(set(size)) == 1 else "x".join(map(str, size)) + "px")
+    return ", ".join(str(part) for part in parts if part)
+
+
+def table_rows(results: Sequence[RunResult], runs_dir: Path, warn: Callable[[str], None]) -> list[Row]:
+    """Rows in order of first appearance: one per (folder label, method, backbone, protocol). Partial tests
+    and duplicates (two runs of a row's task with the same seed) are named through ``warn`` and left out."""
+    rows: dict[tuple[str, str, str, str], Row] = {}
+    claimed: dict[tuple[tuple[str, str, str, str], str, Seed], RunResult] = {}
     for result in results:
-        row = rows.setdefault(result.label, MethodRow(result.label, {}, set(), set()))
-        row.accuracy[canonical_task(result.task)] = result.top1
+        if result.partial:
+            images = result.record.get("images", "?")
+            warn(f"left out: {result.path} is a partial test ({images} images): test on the whole split")
+            continue
+        label, seed = run_label(result, runs_dir)
+        record = result.record
+        key = (label, str(record.get("method", "?")), str(record.get("backbone", "?")), protocol_text(record))
+        row = rows.setdefault(key, Row(*key))
+        task = canonical_task(result.task)
+        if (first := claimed.get((key, task, seed))) is not None:
+            row.duplicated.add(task)
+            row.values[task].pop(seed, None)
+            warn(
+                f"left out: duplicate runs of {task} / {label} (seed {seed}): {first.path} "
+                f"(top1={first.top1:.4f}) and {result.path} (top1={result.top1:.4f}); keep one of them"
+            )
+            continue
+        claimed[(key, task, seed)] = result
+        row.values.setdefault(task, {})[seed] = result.top1
         row.params.add(result.params_without_head)
-        row.protocols.add(str(result.record.get("report", "?")))
-    return list(rows.values())
+        if isinstance(selection := record.get("selection"), dict):
+            row.selections.setdefault(task, selection)
+    found = list(rows.values())
+    twins = {label: [row for row in found if row.label == label] for label in {row.label for row in found}}
+    for row in found:  # two rows with one label: the label says what tells them apart
+        if len(same := twins[row.label]) > 1:
+            differ = [
+                f"{name}={getattr(row, name)}"
+                for name in ("method", "backbone", "protocol")
+                if len({getattr(twin, name) for twin in same}) > 1
+            ]
+            row.label = f"{row.label} [{', '.join(differ)}]"
+    return found
 
 
-def tables(rows: Sequence[MethodRow]) -> list[tuple[str, list[Column]]]:
+def tables(rows: Sequence[Row]) -> list[tuple[str, list[Column]]]:
     """(title, columns) of each table that has at least one run: VTAB-1k, FGVC, other tasks."""
-    done = {task for row in rows for task in row.accuracy}
+    done = {task for row in rows for task, seeds in row.values.items() if seeds} | {
+        task for row in rows for task in row.duplicated
+    }
     found = []
     if done & set(VTAB_TASKS):
         found.append(("VTAB-1k", vtab_columns()))
@@ -108,41 +213,133 @@ def tables(rows: Sequence[MethodRow]) -> list[tuple[str, list[Column]]]:
     return found
 
 
-def markdown_table(title: str, columns: list[Column], rows: Sequence[MethodRow]) -> list[str]:
+def paired_differences(rows: Sequence[Row]) -> list[Row]:
+    """A ``lily - lora`` row for each Lily row and LoRA row with one backbone and protocol: per task, the
+    difference of the two runs of each seed both have (one run each: that pair), so the spread shown is
+    the spread of paired differences over seeds."""
+    found = []
+    for lily, lora in itertools.product(rows, rows):
+        if (lily.method, lora.method) != ("lily", "lora") or (lily.backbone, lily.protocol) != (
+            lora.backbone,
+            lora.protocol,
+        ):
+            continue
+        difference = Row(f"{lily.label} - {lora.label}", "lily - lora", lily.backbone, lily.protocol)
+        difference.difference = True
+        for task in lily.values.keys() & lora.values.keys():
+            mine, theirs = lily.values[task], lora.values[task]
+            if len(mine) == len(theirs) == 1 and mine.keys() != theirs.keys():
+                pairs = {None: (next(iter(mine.values())), next(iter(theirs.values())))}
+            else:
+                pairs = {seed: (mine[seed], theirs[seed]) for seed in mine.keys() & theirs.keys()}
+            if pairs:
+                difference.values[task] = {seed: a - b for seed, (a, b) in pairs.items()}
+        found.append(difference)
+    return found
+
+
+def cell_text(row: Row, column: Column, seeds: int) -> str:
+    """``72.9``, ``72.9 ± 0.4 (n=3)`` (``+1.2 ± ...`` for a difference); ``†`` when fewer than ``seeds``
+    runs; ``dup`` / ``-`` for none."""
+    value = row.cell(column)
+    if value is None:
+        return DUPLICATE if not column.is_mean and column.tasks[0] in row.duplicated else MISSING
+    text = f"{100 * value.mean:+.1f}" if row.difference else f"{100 * value.mean:.1f}"
+    if value.std is not None:
+        text += f" ± {100 * value.std:.1f}"
+    if seeds > 1:
+        text += f" (n={value.n})"
+    return text + (FEWER if value.n < seeds else "")
+
+
+def markdown_table(title: str, columns: list[Column], rows: Sequence[Row], seeds: int) -> list[str]:
     header = [
         "method",
+        "backbone",
         "params (M)",
         "protocol",
         *(f"**{c.title}**" if c.is_mean else c.title for c in columns),
     ]
-    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|---|---:|---|" + "---:|" * len(columns)]
+    lines = [
+        f"## {title}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|---|---:|---|" + "---:|" * len(columns),
+    ]
     for row in rows:
         cells = []
         for column in columns:
-            value = cell_value(column, row.accuracy)
-            text = MISSING if value is None else f"{100 * value:.1f}"
-            cells.append(f"**{text}**" if column.is_mean and value is not None else text)
-        protocol = "/".join(sorted(row.protocols))
-        lines.append("| " + " | ".join([row.label, row.params_text(), protocol, *cells]) + " |")
+            text = cell_text(row, column, seeds)
+            cells.append(f"**{text}**" if column.is_mean and text not in (MISSING, DUPLICATE) else text)
+        lines.append(
+            "| " + " | ".join([row.label, row.backbone, row.params_text(), row.protocol, *cells]) + " |"
+        )
     return [*lines, ""]
 
 
-def write_csv(path: Path, sections: list[tuple[str, list[Column]]], rows: Sequence[MethodRow]) -> None:
-    """Wide CSV, one row per method: accuracy in percent; an empty cell where a task has no run."""
+def write_csv(path: Path, sections: list[tuple[str, list[Column]]], rows: Sequence[Row]) -> None:
+    """Wide CSV, one row per table row: per column the mean accuracy in percent, its std over seeds and the
+    number of seeds; empty cells where a task has no run."""
     columns = [c for _, section in sections for c in section]
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["method", "params_M", "protocol", *(c.title for c in columns)])
+        titles = [name for c in columns for name in (c.title, f"{c.title} std", f"{c.title} n")]
+        writer.writerow(["method", "backbone", "params_M", "protocol", *titles])
         for row in rows:
-            values = [cell_value(c, row.accuracy) for c in columns]
-            writer.writerow(
-                [
-                    row.label,
-                    row.params_text(),
-                    "/".join(sorted(row.protocols)),
-                    *("" if v is None else f"{100 * v:.2f}" for v in values),
-                ]
-            )
+            cells: list[str] = []
+            for column in columns:
+                value = row.cell(column)
+                if value is None:
+                    cells += ["", "", "0"]
+                else:
+                    std = "" if value.std is None else f"{100 * value.std:.2f}"
+                    cells += [f"{100 * value.mean:.2f}", std, str(value.n)]
+            writer.writerow([row.label, row.backbone, row.params_text(), row.protocol, *cells])
+
+
+def write_seed_csv(path: Path, rows: Sequence[Row]) -> None:
+    """Long CSV, one line per run in the tables: row, task, seed and top-1 in percent."""
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["method", "backbone", "protocol", "task", "seed", "top1"])
+        for row in rows:
+            for task, seeds in row.values.items():
+                for seed, value in seeds.items():
+                    writer.writerow([row.label, row.backbone, row.protocol, task, seed, f"{100 * value:.2f}"])
+
+
+def selection_table(rows: Sequence[Row]) -> list[str]:
+    """The grid point `sweep --select-on val` chose per task and row, with the validation scores."""
+    chosen = [(task, row, choice) for row in rows for task, choice in sorted(row.selections.items())]
+    if not chosen:
+        return []
+    lines = [
+        "## Chosen hyper-parameters (selected on validation, never on test)",
+        "",
+        "| task | method | chosen | validation top-1 | other points (validation top-1) |",
+        "|---|---|---|---:|---|",
+    ]
+    for task, row, choice in chosen:
+        variant = choice.get("variant", "?")
+        candidates = choice.get("candidates") or {}
+        others = ", ".join(f"{v}: {100 * m:.1f}" for v, m in candidates.items() if v != variant)
+        tied = choice.get("tied_with") or []
+        tie = f" (tied with {', '.join(tied)}: the first in grid order)" if tied else ""
+        score = candidates.get(variant, choice.get("val_top1", math.nan))
+        lines.append(f"| {task} | {row.label} | {variant}{tie} | {100 * score:.1f} | {others or MISSING} |")
+    return [*lines, ""]
+
+
+def expected_seeds(runs_dir: Path, rows: Sequence[Row]) -> int:
+    """How many seeds a cell should have: the study's ``--seeds`` (``sweep_study.json``), else the most any
+    task of any row has."""
+    try:
+        seeds = json.loads((runs_dir / STUDY_FILE).read_text()).get("seeds")
+    except (OSError, ValueError, AttributeError):
+        seeds = None
+    if isinstance(seeds, list) and seeds:
+        return len(seeds)
+    return max((len(s) for row in rows for s in row.values.values()), default=1)
 
 
 def _latest_config(run_dir: Path) -> dict[str, Any] | None:
@@ -162,9 +359,9 @@ def datamodule_from_config(data: dict[str, Any]) -> Any:
     return getattr(importlib.import_module(module_name), class_name)(**data.get("init_args", {}))
 
 
-def draw_routing(result: RunResult, out_dir: Path, max_batches: int) -> str:
+def draw_routing(result: RunResult, runs_dir: Path, out_dir: Path, max_batches: int) -> str:
     """Draw one Lily run's routing heatmap into ``out_dir``; a markdown line with the picture, or why not."""
-    name = f"{result.task}/{result.label}"
+    name = result.run_dir.relative_to(runs_dir).as_posix()
     checkpoint = result.run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         return f"{name}: no heatmap, no checkpoint at {checkpoint}"
@@ -177,23 +374,47 @@ def draw_routing(result: RunResult, out_dir: Path, max_batches: int) -> str:
     except UsageError as e:  # data or backbone weights absent here: say so, draw the others
         first_line = str(e).splitlines()[0]
         return f"{name}: no heatmap, data or weights not available here ({first_line})"
-    path = out_dir / f"routing_{result.task}_{result.label}.png"
+    path = out_dir / f"routing_{name.replace('/', '_')}.png"
     routing_heatmap(weights, save=path, title=f"Lily routing: {name}")
     return f"{name}: `{path.name}`\n\n  ![routing {name}]({path.name})"
 
 
-def write_report(runs_dir: Path | str, out_dir: Path | str | None = None, routing_batches: int = 4) -> Path:
-    """Write results.md, results.csv, results.png and the routing heatmaps; return the markdown's path."""
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def write_report(
+    runs_dir: Path | str,
+    out_dir: Path | str | None = None,
+    routing_batches: int = 4,
+    warn: Callable[[str], None] = _warn,
+) -> Path:
+    """Write results.md, results.csv, results.png and the routing heatmaps; return the markdown's path.
+
+    Result files that cannot be read, partial tests and duplicate runs are left out of the tables, named
+    through ``warn`` (one line each) and listed under "Not in the tables"."""
     runs_dir = Path(runs_dir)
     out = Path(out_dir) if out_dir is not None else runs_dir
+    if routing_batches < 1:
+        raise UsageError(f"--routing-batches must be at least 1, got {routing_batches}")
     if not runs_dir.is_dir():
         raise UsageError(f"runs folder {runs_dir} does not exist")
-    results = collect_results(runs_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; the report writes several files: give a folder")
+    left_out: list[str] = []
+
+    def note(line: str) -> None:
+        left_out.append(line)
+        warn(line)
+
+    results = collect_results(runs_dir, note)
     if not results:
         raise UsageError(f"no finished run under {runs_dir}: `test` writes <run>/result.json (see `sweep`)")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = method_rows(results)
+    runs = table_rows(results, runs_dir, note)
+    rows = [*runs, *paired_differences(runs)]
     sections = tables(rows)
+    seeds = expected_seeds(runs_dir, runs)
+    out.mkdir(parents=True, exist_ok=True)
 
     lines = [
         f"# Results: {runs_dir}",
@@ -202,22 +423,36 @@ def write_report(runs_dir: Path | str, out_dir: Path | str | None = None, routin
         "(`final`: the final model; `best_of_evals`: the best of the evaluations during training, "
         "as the official code reports). "
         "Params: trainable parameters in millions without the classifier head. "
-        f"`{MISSING}`: no finished run (a mean needs all of its tasks).",
+        f"`{MISSING}`: no finished run (a mean needs all of its tasks); `{DUPLICATE}`: only duplicate runs. "
+        "A row is one run-folder name with one backbone and protocol (report, split mode, input size); "
+        "with several seeds a cell is the mean ± sample std over seeds (n: how many), a mean column is "
+        f"taken per seed first; `{FEWER.strip()}`: fewer seeds than the study asked for ({seeds}). "
+        "A `lily - lora` row is the paired difference (same task, same seed) in points, with its spread.",
         "",
     ]
     for title, columns in sections:
-        lines += markdown_table(title, columns, rows)
+        lines += markdown_table(title, columns, rows, seeds)
+    lines += selection_table(runs)
     write_csv(out / "results.csv", sections, rows)
+    write_seed_csv(out / "results_seeds.csv", runs)
 
     tasks = [c.title for _, columns in sections for c in columns if not c.is_mean]
-    done = [t for t in tasks if any(t in row.accuracy for row in rows)]
-    results_bar_chart({row.label: row.accuracy for row in rows}, done, save=out / "results.png")
+    done = [t for t in tasks if any(t in row.values for row in runs)]
+    cells = {row.label: {t: cell for t in done if (cell := row.cell(Column(t, (t,))))} for row in runs}
+    results_bar_chart(
+        {label: {t: cell.mean for t, cell in found.items()} for label, found in cells.items()},
+        done,
+        save=out / "results.png",
+        errors={label: {t: cell.std or 0.0 for t, cell in found.items()} for label, found in cells.items()},
+    )
     lines += ["![top-1 per task](results.png)", "", "## Routing (Lily runs)", ""]
-    lily_runs = [r for r in results if r.record.get("method") == "lily"]
+    lily_runs = [r for r in results if r.record.get("method") == "lily" and not r.partial]
     for result in lily_runs:
-        lines.append(f"- {draw_routing(result, out, routing_batches)}")
+        lines.append(f"- {draw_routing(result, runs_dir, out, routing_batches)}")
     if not lily_runs:
         lines.append("No Lily run.")
+    if left_out:
+        lines += ["", "## Not in the tables", "", *(f"- {line}" for line in left_out)]
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,39 +1,46 @@
-"""``python -m lily_lightning sweep``: fit + test many tasks and methods, one run after another.
+"""``python -m lily_lightning sweep``: fit + test many tasks and methods, seeds and grid points - a study.
 
-    python -m lily_lightning sweep --config configs/vit_vtab.yaml --tasks vtab [--methods lily lora] [-- ARGS]
+    python -m lily_lightning sweep --config configs/vit_vtab.yaml --tasks vtab [--methods lily lora]
+        [--seeds 0 1 2] [--grid model.lr=1e-3,5e-4 ...] [--select-on val]
+        [--launcher local --parallel N --gpus-per-run G | --launcher slurm --slurm-... [--no-wait]] [-- ARGS]
+    python -m lily_lightning sweep --status RUNS_DIR
 
-Each (task, method) is one run in ``<runs-dir>/<task>/<method>/``, made of ``fit`` then ``test``, each in its
-own process (``python -m lily_lightning``, so one run's crash or memory cannot take the sweep down) with the
-configs layered as the README describes: the ``--config`` files, ``lora_vtab.yaml`` next to the first one for
-LoRA, then ``vtab/<task>.yaml`` or ``fgvc/<task>.yaml`` next to it when there is one. A run with a
-``result.json`` is finished and skipped; a run with ``checkpoints/last.ckpt`` and no result resumes from it.
-A run that cannot start (its data folder is missing, say) is listed at the end and the sweep goes on.
+Each run is `fit` then `test` in its own folder (``studies.grid`` lays them out:
+``<runs-dir>/<task>/<method>/`` plus the grid point and ``seed<k>``), in its own child process (so one run's
+crash or memory cannot take the sweep down), with the configs layered as the README describes: the
+``--config`` files, ``lora_vtab.yaml`` next to the first one for LoRA, then ``vtab/<task>.yaml`` or
+``fgvc/<task>.yaml`` next to it when there is one, then the arguments after ``--``, the grid point, then the
+keys the sweep sets per run (which ``--`` and ``--grid`` may not set). Each run's exact arguments are saved
+beside it (``sweep_run.json``). A run with a complete ``result.json`` is finished and skipped; a run with
+``checkpoints/last.ckpt`` and no complete result resumes from it; a run recorded with other settings is not
+touched unless ``--rerun`` says to start it again; a run held by another writer (its lock) is left to it. A
+run that cannot start (its data folder is missing, say) is listed at the end and the sweep goes on.
+
+With ``--select-on val`` every grid point is trained on the tuning split and scored on validation; the
+best point per (task, method) is then trained on the full split for each seed and tested once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import time
+import itertools
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..data.tasks import FGVC_TASKS, VTAB_TASKS, FGVCTask, VTABTask, benchmark_task, canonical_task
 from ..errors import UsageError
-from ..training.results import read_result
+from .grid import Study, choose, parse_grid
+from .launchers import LocalLauncher
+from .runs import Outcome, RunSpec, Say, differs_message, finished_score, other_settings
+from .slurm import SlurmLauncher, SlurmOptions, active_job, parse_extra
 
 BENCHMARKS = {"vtab": tuple(VTAB_TASKS), "fgvc": tuple(FGVC_TASKS)}
 LORA_CONFIG = "lora_vtab.yaml"
 LOG_FILE = "sweep.log"
-# The child process of one run: each step through the CLI's main(), stopping at the first non-zero exit code.
-_CHILD = (
-    "import json, sys; from lily_lightning.cli import main; "
-    "sys.exit(next((code for code in map(main, json.loads(sys.argv[1])) if code), 0))"
-)
+UNFINISHED = ("failed", "differs")  # outcomes that make the exit code 1
 
 
 def expand_tasks(names: Sequence[str]) -> list[str]:
@@ -60,93 +67,108 @@ def run_configs(configs: Sequence[Path], task: str, method: str) -> list[Path]:
     return layered
 
 
-@dataclass
-class Outcome:
-    task: str
-    method: str
-    status: str  # "done", "skipped", or "failed"
-    message: str
-
-
-def _error_line(log: Path) -> str:
-    """The CLI's one-line error (``error: ...``) from a run's log, else its last line."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["no output"])[-1]
-
-
 class Sweep:
-    """Runs the (task, method) grid; progress lines go to the console and to ``<runs-dir>/sweep.log``."""
+    """Plans and launches a study's stages; progress lines go to the console and ``<runs-dir>/sweep.log``."""
 
-    def __init__(self, configs: Sequence[Path], runs_dir: Path, extra_args: Sequence[str]) -> None:
-        missing = [str(c) for c in configs if not c.is_file()]
-        if missing:
-            raise UsageError(f"config file not found: {', '.join(missing)}")
-        self.configs, self.runs_dir, self.extra_args = list(configs), runs_dir, list(extra_args)
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = runs_dir / LOG_FILE
+    def __init__(self, study: Study, launcher: Any, rerun: bool) -> None:
+        self.study, self.launcher, self.rerun = study, launcher, rerun
+        study.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = study.runs_dir / LOG_FILE
+        self._say_lock = threading.Lock()  # runs report from several threads
 
     def say(self, line: str) -> None:
-        print(line, flush=True)
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        with self.log_path.open("a") as log:
-            log.write(f"{stamp} {line}\n")
+        with self._say_lock:
+            print(line, flush=True)
+            with self.log_path.open("a") as log:
+                log.write(f"{stamp} {line}\n")
 
-    def cli_args(self, subcommand: str, task: str, method: str, run_dir: Path, extra: list[str]) -> list[str]:
-        """The ``python -m lily_lightning`` arguments of one step of the run."""
-        args = [subcommand]
-        for config in run_configs(self.configs, task, method):
-            args += ["--config", str(config)]
-        args += ["--data.name", task, "--model.method", method, "--trainer.default_root_dir", str(run_dir)]
-        return [*args, *extra, *self.extra_args]
+    def stage(self, title: str, specs: Sequence[RunSpec]) -> list[Outcome]:
+        """Skip finished runs and runs with other settings, leave queued SLURM jobs be, launch the rest."""
+        if not specs:
+            return []
+        self.say(f"sweep: {title}: {len(specs)} runs into {self.study.runs_dir}")
+        outcomes: list[Outcome] = []
+        launch: list[tuple[RunSpec, Say]] = []
+        active: list[tuple[RunSpec, str]] = []
+        for index, spec in enumerate(specs, start=1):
 
-    def run_one(self, task: str, method: str, prefix: str) -> Outcome:
-        run_dir = self.runs_dir / task / method
-        result = read_result(run_dir)
-        if result is not None:
-            self.say(f"{prefix} {task} {method}: skipped, finished before (top1={result.top1:.4f})")
-            return Outcome(task, method, "skipped", f"top1={result.top1:.4f}")
-        start = time.perf_counter()
-        last = run_dir / "checkpoints" / "last.ckpt"
-        resume = ["--ckpt_path", str(last)] if last.is_file() else []
-        resuming = " (resuming from checkpoints/last.ckpt)" if resume else ""
-        self.say(f"{prefix} {task} {method}: fit + test{resuming}")
-        steps = [
-            self.cli_args("fit", task, method, run_dir, resume),
-            self.cli_args("test", task, method, run_dir, ["--ckpt_path", str(last)]),
-        ]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = run_dir / "sweep_run.log"
-        with log.open("w") as out:
-            out.write("\n".join(f"python -m lily_lightning {' '.join(step)}" for step in steps) + "\n")
-            out.flush()
-            # fit then test in one fresh process: the imports are paid once, and nothing leaks between runs.
-            child = subprocess.run(
-                [sys.executable, "-c", _CHILD, json.dumps(steps)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                check=False,
+            def say(line: str, prefix: str = f"[{index}/{len(specs)}]") -> None:
+                self.say(f"{prefix} {line}")
+
+            change = other_settings(spec)
+            if change is not None and not self.rerun:
+                say(f"{spec.name}: not run: {differs_message(change)}")
+                outcomes.append(Outcome(spec.name, "differs", differs_message(change)))
+                continue
+            if change is None and (score := finished_score(spec, say)) is not None:
+                text = f"{'val_top1' if spec.evaluate == 'validate' else 'top1'}={score:.4f}"
+                say(f"{spec.name}: skipped, finished before ({text})")
+                outcomes.append(Outcome(spec.name, "skipped", text, score))
+                continue
+            if isinstance(self.launcher, SlurmLauncher) and (job_id := active_job(spec.run_dir)):
+                say(f"{spec.name}: queued or running as SLURM job {job_id}: not submitted again")
+                active.append((spec, job_id))
+                continue
+            launch.append((spec, say))
+        if isinstance(self.launcher, SlurmLauncher):
+            outcomes += self.launcher.launch([spec for spec, _ in launch], active)
+        else:
+            outcomes += self.launcher.launch(launch)
+        return outcomes
+
+    def run(self) -> list[Outcome]:
+        study = self.study
+        study.write_record()
+        if study.select_on is None:
+            return self.summary(self.stage("runs", study.training_specs()))
+        selection = study.selection_specs()
+        outcomes = self.stage("selection on validation (tuning split, no test)", selection)
+        finals: list[RunSpec] = []
+        for task, method in itertools.product(study.tasks, study.methods):
+            choice = choose([s for s in selection if (s.task, s.method) == (task, method)])
+            if isinstance(choice, str):
+                waiting = any(o.status in ("submitted", "busy") for o in outcomes)
+                status = "submitted" if waiting else "failed"
+                again = " (run the same command again when they end)" if waiting else ""
+                self.say(f"{task} {method}: no final runs: {choice}{again}")
+                outcomes.append(Outcome(f"{task} {method} final", status, choice))
+                continue
+            others = ", ".join(
+                f"{v}: {m:.4f}" for v, m in choice["candidates"].items() if v != choice["variant"]
             )
-        result = read_result(run_dir)
-        if child.returncode != 0 or result is None:
-            reason = _error_line(log) if child.returncode != 0 else "test wrote no result.json"
-            self.say(f"{prefix} {task} {method}: not finished: {reason} (log: {log})")
-            return Outcome(task, method, "failed", reason)
-        minutes, seconds = divmod(round(time.perf_counter() - start), 60)
-        self.say(f"{prefix} {task} {method}: done top1={result.top1:.4f} in {minutes}m{seconds:02d}s")
-        return Outcome(task, method, "done", f"top1={result.top1:.4f}")
+            tie = (
+                f"; tied with {', '.join(choice['tied_with'])}: the first in grid order is taken"
+                if choice["tied_with"]
+                else ""
+            )
+            self.say(
+                f"{task} {method}: chose {choice['variant']} (validation top-1 {choice['val_top1']:.4f}; "
+                f"{others}){tie}"
+            )
+            finals += study.final_specs(task, method, choice)
+        return self.summary(outcomes + self.stage("final runs (chosen point, full split, test)", finals))
 
-    def run(self, tasks: Sequence[str], methods: Sequence[str]) -> list[Outcome]:
-        grid = [(task, method) for task in tasks for method in methods]
-        self.say(f"sweep: {len(grid)} runs ({len(tasks)} tasks x {', '.join(methods)}) into {self.runs_dir}")
-        outcomes = [self.run_one(t, m, f"[{i}/{len(grid)}]") for i, (t, m) in enumerate(grid, start=1)]
+    def summary(self, outcomes: list[Outcome]) -> list[Outcome]:
         counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+        others = {
+            "differs": "not run (other settings)",
+            "busy": "held by another writer",
+            "submitted": "submitted, not finished yet",
+        }
+        extra = "".join(
+            f", {n} {words}"
+            for status, words in others.items()
+            if (n := sum(o.status == status for o in outcomes))
+        )
         self.say(
-            f"sweep: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} not finished"
+            f"sweep: {counts['done']} done, {counts['skipped']} skipped, "
+            f"{counts['failed']} not finished{extra}"
         )
         for outcome in outcomes:
-            if outcome.status == "failed":
-                self.say(f"  not finished: {outcome.task} {outcome.method}: {outcome.message}")
+            if outcome.status in UNFINISHED:
+                what = "not finished" if outcome.status == "failed" else "not run"
+                self.say(f"  {what}: {outcome.run}: {outcome.message}")
         return outcomes
 
 
@@ -155,19 +177,87 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(
         prog="python -m lily_lightning sweep",
-        description="Fit and test each task and method in turn (arguments after -- go to every run).",
+        description="Fit and test each task, method, grid point and seed (arguments after -- go to all).",
     )
-    parser.add_argument("--config", type=Path, action="append", required=True, help="base config(s), layered")
-    parser.add_argument("--tasks", nargs="+", required=True, help="vtab, fgvc and/or task names")
+    parser.add_argument("--status", type=Path, metavar="RUNS_DIR", help="print every run's state and exit")
+    parser.add_argument("--config", type=Path, action="append", help="base config(s), layered")
+    parser.add_argument("--tasks", nargs="+", help="vtab, fgvc and/or task names")
     parser.add_argument("--methods", nargs="+", default=["lily"], help="lily, lora, linear_probe, full")
     parser.add_argument(
         "--runs-dir", type=Path, default=Path("runs"), help="runs go to RUNS_DIR/<task>/<method>"
     )
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train again the runs recorded with other settings (their result and checkpoint are replaced)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed, in RUN/seed<k>/")
+    parser.add_argument(
+        "--grid", nargs="+", default=[], metavar="KEY=V1,V2", help="hyper-parameter grid (Cartesian product)"
+    )
+    parser.add_argument(
+        "--select-on",
+        choices=["val"],
+        help="choose each (task, method)'s grid point on validation, then test it",
+    )
+    parser.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    parser.add_argument("--parallel", type=int, default=1, help="local: runs at once (default 1)")
+    parser.add_argument("--gpus-per-run", type=int, help="local: GPUs of each run (default 1 when GPUs)")
+    parser.add_argument("--slurm-partition", help="slurm: partition")
+    parser.add_argument("--slurm-time", default="02:00:00", help="slurm: time limit per run (requeued at it)")
+    parser.add_argument("--slurm-gpus-per-run", type=int, default=1, help="slurm: GPUs per run (gres)")
+    parser.add_argument(
+        "--slurm-array-parallelism", type=int, default=256, help="slurm: runs of the array at once"
+    )
+    parser.add_argument(
+        "--slurm-extra", nargs="+", default=[], metavar="OPTION=VALUE", help="slurm: more sbatch options"
+    )
+    parser.add_argument("--no-wait", action="store_true", help="slurm: return once the jobs are submitted")
     return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
+def make_launcher(args: argparse.Namespace, say: Say) -> LocalLauncher | SlurmLauncher:
+    if args.launcher == "local":
+        if args.no_wait:
+            raise UsageError("--no-wait is for --launcher slurm: local runs end with the sweep")
+        return LocalLauncher(args.parallel, args.gpus_per_run, args.rerun, say)
+    if args.parallel != 1 or args.gpus_per_run is not None:
+        raise UsageError("with --launcher slurm use --slurm-array-parallelism and --slurm-gpus-per-run")
+    options = SlurmOptions(
+        partition=args.slurm_partition,
+        time=args.slurm_time,
+        gpus_per_run=args.slurm_gpus_per_run,
+        array_parallelism=args.slurm_array_parallelism,
+        extra=parse_extra(args.slurm_extra),
+    )
+    return SlurmLauncher(args.runs_dir, options, args.rerun, not args.no_wait, say)
+
+
 def main(argv: Sequence[str]) -> int:
-    """``argv`` follows ``sweep``. Exit code 0 when every run finished, 1 otherwise."""
+    """``argv`` follows ``sweep``. Exit code 0 when no run failed or was refused, 1 otherwise."""
     args, extra = parse_args(argv)
-    outcomes = Sweep(args.config, args.runs_dir, extra).run(expand_tasks(args.tasks), args.methods)
-    return 0 if all(o.status != "failed" for o in outcomes) else 1
+    if args.status is not None:
+        from .status import print_status
+
+        return print_status(args.status)
+    if not args.config or not args.tasks:
+        raise UsageError("sweep needs --config and --tasks (or --status RUNS_DIR)")
+    missing = [str(c) for c in args.config if not c.is_file()]
+    if missing:
+        raise UsageError(f"config file not found: {', '.join(missing)}")
+    study = Study(
+        runs_dir=args.runs_dir,
+        layered=lambda task, method: run_configs(args.config, task, method),
+        extra=extra,
+        tasks=expand_tasks(args.tasks),
+        methods=args.methods,
+        seeds=args.seeds,
+        axes=parse_grid(args.grid),
+        select_on=args.select_on,
+    )
+    study.check()
+    sweep: Sweep | None = None
+    launcher = make_launcher(args, lambda line: sweep.say(line) if sweep else print(line))
+    sweep = Sweep(study, launcher, args.rerun)
+    outcomes = sweep.run()
+    return 0 if all(o.status not in UNFINISHED for o in outcomes) else 1

@@ -16,6 +16,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ..files import check_writable_folder
 from .checkpointing import (
@@ -35,6 +36,7 @@ from .checkpointing import (
 from .module import ViTClassifier
 from .predictions import PredictionCSVWriter
 from .progress import PlainProgress
+from .run_lock import RunLock, RunLockHeartbeat, hold_for_fit
 
 
 class LilyCLI(LightningCLI):
@@ -42,8 +44,17 @@ class LilyCLI(LightningCLI):
 
     Unless the config says otherwise, a run writes to ``runs/<task>/<method>/``: CSV and TensorBoard logs,
     and ``checkpoints/last.ckpt`` (adapter + head + optimiser state, rewritten atomically every epoch) so
-    ``fit --ckpt_path last`` resumes an interrupted run; ``last`` means that file and no other.
+    ``fit --ckpt_path last`` resumes an interrupted run; ``last`` means that file and no other. `fit` holds
+    the run folder's lock (``training.run_lock``) until it ends, so two writers never train one run at once.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._own_run_lock: RunLock | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self._own_run_lock is not None:
+                self._own_run_lock.release()
 
     # Whether the subcommand writes into the run folder (logs, checkpoints, results), which is checked first.
     writes_run_folder = True
@@ -122,6 +133,10 @@ class LilyCLI(LightningCLI):
         if self.writes_run_folder:
             fix = "Set --trainer.default_root_dir to a folder you can write to (or make this one writable)."
             check_writable_folder(run_dir, fix)
+        if self.subcommand == "fit" and rank_zero_only.rank == 0:  # DDP: one process per run takes it
+            lock, owned = hold_for_fit(run_dir)
+            self._own_run_lock = lock if owned else None
+            kwargs["callbacks"].append(RunLockHeartbeat(lock))
         return super().instantiate_trainer(**kwargs)
 
     def _resolve_checkpoint(self, checkpoint_dir: Path) -> None:

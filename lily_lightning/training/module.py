@@ -12,6 +12,7 @@ import lightning as L
 import timm
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
@@ -19,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from ..adapters import LilyConfig, LoRAConfig
 from ..errors import UsageError
-from ..seeding import epoch_seed, run_seed
+from ..seeding import configured_seed, epoch_seed, run_seed
 from ..vit.inject import ADAPTERS_ATTR, inject
 from ..vit.state import count_parameters, state_problems
 from ..vit.weights import load_backbone_weights
@@ -32,7 +33,7 @@ from .confusion import (
     per_class_table,
     write_confusion_csv,
 )
-from .results import result_folder, write_result
+from .results import VALIDATION_FILE, result_folder, write_result
 from .schedule import warmup_cosine_lr
 
 Method = Literal["lily", "lora", "linear_probe", "full"]
@@ -82,6 +83,12 @@ def create_backbone(
     return model
 
 
+def _role_size(datamodule: Any, role: str, default: int) -> int:
+    """Images in a role's splits when the data module can say (``SplitDataModule``); else ``default``."""
+    dataset = getattr(datamodule, "dataset", None)
+    return len(dataset(role)) if callable(dataset) else default
+
+
 def update(metric: Metric, *values: torch.Tensor) -> None:
     """``metric.update(*values)`` unless the batch is empty (DDP's ragged end; torchmetrics rejects those)."""
     if values[-1].numel():
@@ -106,7 +113,7 @@ class ViTClassifier(L.LightningModule):
             official Lily ViT code feeds [0, 1] pixels). Data modules yield [0, 1] pixels.
         drop_path_rate: stochastic depth in the frozen backbone (0.1 in the official code).
         label_smoothing: for the cross-entropy loss.
-        lr, weight_decay: AdamW on the trainable tensors (paper: 1e-3, 1e-4).
+        lr, weight_decay: AdamW on the trainable tensors (paper: 1e-3, 1e-4); lr 0 trains nothing.
         warmup_epochs, warmup_lr, min_lr: the cosine schedule (paper: 10 epochs from 1e-6, down to 1e-5).
         report: the accuracy the results line reports: ``final`` (the final model's test accuracy) or
             ``best_of_evals`` (the best of the validation evaluations and the final test, as the
@@ -184,6 +191,7 @@ class ViTClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss = MeanMetric()  # per image, so a zero-size or ragged batch weighs what it holds
+        self.val_images = SumMetric()  # images counted, over every process (`validate` writes it)
         self.test_images = SumMetric()  # images counted, over every process: the test set size, once each
         self.test_class_acc = MulticlassAccuracy(num_classes, average=None)  # which classes fail
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -285,6 +293,7 @@ class ViTClassifier(L.LightningModule):
         logits = self(images)
         update(self.val_acc, logits, labels)
         update(self.val_loss, F.cross_entropy(logits, labels, reduction="none"))
+        self.val_images.update(labels.numel())
         self.log("val/loss", self.val_loss)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
@@ -293,6 +302,34 @@ class ViTClassifier(L.LightningModule):
             return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+        images = int(self.val_images.compute())
+        self.val_images.reset()
+        if self.trainer.state.fn == TrainerFn.VALIDATING and self.trainer.is_global_zero:
+            self._write_validation(float(self.val_acc.compute()), images)
+
+    def _write_validation(self, top1: float, images: int) -> None:
+        """`validate`'s score as ``<run dir>/validation.json``: what `sweep --select-on val` ranks by."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        record = {
+            **self._run_description(),
+            "val_top1": top1,
+            "images": images,
+            "partial": images < _role_size(datamodule, "val", images),
+        }
+        write_result(Path(self.trainer.default_root_dir), record, VALIDATION_FILE)
+
+    def _run_description(self) -> dict[str, Any]:
+        """What tells this run apart from another one in a table: task, method, backbone, protocol, seed."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", None) or ())
+        return {
+            "task": getattr(datamodule, "task", None) or getattr(datamodule, "name", "?"),
+            "method": self.method,
+            "backbone": self.hparams.backbone,
+            "split_mode": getattr(datamodule, "split_mode", None),
+            "img_size": list(size) or None,
+            "seed": configured_seed(),
+        }
 
     def on_test_start(self) -> None:
         note = self._best_of_evals_note()
@@ -401,9 +438,7 @@ class ViTClassifier(L.LightningModule):
         # The same numbers for `python -m lily_lightning report` (and `sweep`, which skips finished runs),
         # plus the head's size so tables can count parameters without the head, as papers do.
         result = {
-            "task": task,
-            "method": self.method,
-            "backbone": self.hparams.backbone,
+            **self._run_description(),
             "trainable_params": self.trainable_parameters,
             "adapter_params": self.adapter_parameters,
             "head_params": sum(p.numel() for p in self.model.get_classifier().parameters()),
@@ -449,12 +484,13 @@ class ViTClassifier(L.LightningModule):
         else:
             total_epochs = trainer.estimated_stepping_batches / steps_per_epoch
 
+        # LambdaLR scales the optimiser's lr; lr 0 (a grid's do-nothing point) keeps every step at 0.
+        per_lr = 1.0 / hp.lr if hp.lr else 0.0
+
         def factor(step: int) -> float:
             epoch = step / steps_per_epoch
-            return (
-                warmup_cosine_lr(epoch, hp.lr, total_epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr)
-                / hp.lr
-            )
+            lr = warmup_cosine_lr(epoch, hp.lr, total_epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr)
+            return lr * per_lr
 
         scheduler = LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
