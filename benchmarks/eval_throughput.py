@@ -55,7 +55,7 @@ def build_row(name: str, args: argparse.Namespace) -> nn.Module:
             for adapter in model.adapters.values():
                 adapter.hp.normal_(std=0.02)
         if name.startswith("merged"):
-            merge(model)
+            merge(model.eval())  # merging is for inference: lily_lightning refuses it in train mode
     return model.to(args.device).eval()
 
 

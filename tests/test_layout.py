@@ -19,6 +19,7 @@ LAYERS = {
     "seeding": 0,
     "figures": 0,
     "paths": 1,
+    "console": 1,
     "files": 2,
     "adapters": 3,
     "vit": 4,

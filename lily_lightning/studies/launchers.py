@@ -59,7 +59,7 @@ def local_context() -> BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["lily_lightning.cli"])
+    context.set_forkserver_preload(["lily_lightning.studies.runs"])
     return context
 
 

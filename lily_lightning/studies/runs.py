@@ -16,7 +16,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import runpy
 import shutil
 import signal
 import sys
@@ -27,7 +26,9 @@ from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, Literal
 
+from lily_lightning.console import exit_code, show_package_logs
 from lily_lightning.files import write_atomically
+from lily_lightning.training.lightning_cli import run_command
 from lily_lightning.training.results import (
     RESULT_FILE,
     VALIDATION_FILE,
@@ -205,15 +206,12 @@ def _child_main(steps: list[list[str]], log: str, env: dict[str, str]) -> None:
         import torch
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    # Each step is `python -m lily_lightning STEP`, run in this forked process instead of a new interpreter
-    # (the forkserver imported the package once): the command line is run, not imported, as by a subprocess.
+    # Each step is one `python -m lily_lightning STEP` (fit, validate or test), run in this process.
+    show_package_logs()
     for step in steps:
-        sys.argv = ["python -m lily_lightning", *step]
-        try:
-            runpy.run_module("lily_lightning", run_name="__main__", alter_sys=True)
-        except SystemExit as done:
-            if done.code:
-                sys.exit(done.code)
+        code = exit_code(lambda step=step: run_command(step))
+        if code:
+            sys.exit(code)
 
 
 class ChildRunner:

@@ -6,11 +6,13 @@ progress lines (``train.log``) off a terminal, and ``checkpoints/last.ckpt`` rew
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
@@ -18,7 +20,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from ..errors import UsageError
 from ..files import check_writable_folder
+from ..paths import resolve_path, shown_path
 from .checkpointing import (
     CHECKPOINTS,
     EVALUATION_SETTINGS,
@@ -184,3 +188,31 @@ def run_lightning(args: list[str] | None, cli: type[LilyCLI] = LilyCLI) -> LilyC
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def run_command(args: list[str] | None, config_args: list[str] | None = None) -> int:
+    """A Lightning subcommand (``fit``, ``validate``, ``test``, ``predict`` and their arguments) as the
+    command line runs it; ``None`` reads ``sys.argv``. ``config_args``: where to find its ``--config`` files
+    (``args`` by default), each checked first."""
+    check_config_files(config_args if config_args is not None else args or [])
+    run_lightning(args)
+    return 0
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config`` file must be a YAML mapping (jsonargparse says "Unexpected config: " for an empty
+    one)."""
+    files = [value for flag, value in itertools.pairwise(args) if flag in ("--config", "-c")]
+    files += [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+    example = "a YAML mapping with trainer:, model: and data: sections, like configs/demo.yaml"
+    for name in files:
+        path = resolve_path(name)
+        if not path.is_file():
+            raise UsageError(f"config file {shown_path(path)} does not exist; --config takes {example}.")
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UsageError(f"config file {path} is not valid YAML:\n{e}") from e
+        if not isinstance(content, dict):
+            what = "empty" if content is None else f"a YAML {type(content).__name__}, not a mapping"
+            raise UsageError(f"config file {path} is {what}; --config takes {example}.")
