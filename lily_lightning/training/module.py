@@ -323,7 +323,7 @@ class ViTClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         size = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", None) or ())
         return {
-            "task": getattr(datamodule, "task", None) or getattr(datamodule, "name", "?"),
+            "task": self._task(),
             "method": self.method,
             "backbone": self.hparams.backbone,
             "split_mode": getattr(datamodule, "split_mode", None),
