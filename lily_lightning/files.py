@@ -54,6 +54,16 @@ def check_writable_folder(folder: Path, fix: str) -> None:
         os.unlink(probe)
 
 
+def check_out_file(out: Path, force: bool, example: Path) -> None:
+    """Refuse, before any work, an ``--out`` that is a folder (``example`` names a file in it), that exists
+    (unless ``force``: the user asked to replace it), or whose folder cannot be written."""
+    if out.is_dir():
+        raise UsageError(f"--out {shown_path(out)} is a folder; name the file to write: --out {example}")
+    if out.exists() and not force:
+        raise UsageError(f"--out {out} exists: add --force to replace it, or choose another --out")
+    check_writable_folder(out.parent, "Choose another --out.")
+
+
 def _write_all(file: IO[bytes], data: memoryview) -> None:
     file.write(data)
 

@@ -6,11 +6,15 @@ progress lines (``train.log``) off a terminal, and ``checkpoints/last.ckpt`` rew
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import operator
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from lightning.fabric.plugins import CheckpointIO
@@ -38,7 +42,8 @@ from .checkpointing import (
     resolve_checkpoint,
 )
 from .module import ViTClassifier
-from .predictions import PredictionCSVWriter
+from .predictions import PredictionCSVWriter, predictions_file
+from .previous import set_aside_earlier_outputs
 from .progress import PlainProgress
 from .run_lock import RunLock, RunLockHeartbeat, hold_for_fit
 
@@ -62,6 +67,14 @@ class LilyCLI(LightningCLI):
 
     # Whether the subcommand writes into the run folder (logs, checkpoints, results), which is checked first.
     writes_run_folder = True
+    # The subcommands that write one file the user may name (--out, refused when it exists unless --force):
+    # subcommand -> (help, required).
+    out_file: ClassVar[dict[str, tuple[str, bool]]] = {
+        "predict": (
+            "the CSV file to write (default: a new predictions.csv, predictions-2.csv ... in the run folder)",
+            False,
+        )
+    }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -74,6 +87,17 @@ class LilyCLI(LightningCLI):
         # Under DDP the data modules share out each global batch themselves (data.sampling), without
         # Lightning's padding sampler, so N processes see the batches of one and evaluate each image once.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+        int_before_float(parser)
+
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in self.out_file:
+            what, required = self.out_file[subcommand]
+            parser.add_argument("--out", type=str | None, default=None, required=required, help=what)
+            parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
         # `main` passes the arguments it dispatched on (`export` rewrites them), so Lightning's warning about
@@ -130,7 +154,11 @@ class LilyCLI(LightningCLI):
         if wanted(ProgressBar, "enable_progress_bar"):
             callbacks.append(progress_callback(run_dir))
         if self.subcommand == "predict":
-            callbacks.append(PredictionCSVWriter(run_dir / "predictions.csv"))
+            out = self.config_init["predict"].get("out")
+            force = bool(self.config_init["predict"].get("force"))
+            callbacks.append(
+                PredictionCSVWriter(predictions_file(run_dir, resolve_path(out) if out else None, force))
+            )
         kwargs["callbacks"] = callbacks
         kwargs["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         self._resolve_checkpoint(run_dir / CHECKPOINTS)
@@ -155,13 +183,33 @@ class LilyCLI(LightningCLI):
             check_fits(path, checkpoint, self.model.hparams, getattr(self.datamodule, "class_names", None))
             if self.subcommand == "fit":
                 check_resumable(path, checkpoint.get("hyper_parameters") or {}, self.model.hparams)
-        elif self.subcommand == "fit" and (checkpoint_dir / LAST).is_file():
-            logging.getLogger("lily_lightning").warning(
-                "Starting a new run: %s of an earlier run will be overwritten when this one ends its first "
-                "epoch. To continue that run instead, add `--ckpt_path last`.",
-                checkpoint_dir / LAST,
-            )
+        elif self.subcommand == "fit":
+            if (checkpoint_dir / LAST).is_file():
+                logging.getLogger("lily_lightning").warning(
+                    "Starting a new run: %s of an earlier run will be overwritten when this one ends its "
+                    "first epoch. To continue that run instead, add `--ckpt_path last`.",
+                    checkpoint_dir / LAST,
+                )
+            if rank_zero_only.rank == 0:
+                set_aside_earlier_outputs(checkpoint_dir.parent)
         self.config_init[self.subcommand]["ckpt_path"] = None if path is None else str(path)
+
+
+def int_before_float(parser: LightningArgumentParser) -> None:
+    """Parse ``--trainer.limit_test_batches 1`` (and every other int-or-float option) as the int 1: one batch.
+
+    Lightning annotates these ``Union[int, float]``: an int counts batches, a float is a fraction. typing
+    caches unions by unordered equality, so when another library built ``Union[float, int]`` first,
+    Lightning's annotation is that one and jsonargparse, trying float first, reads ``1`` as 1.0: everything.
+    """
+    for action in parser._actions:
+        hint = getattr(action, "_typehint", None)
+        if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+            continue
+        members = typing.get_args(hint)
+        if int in members and float in members and members.index(float) < members.index(int):
+            ordered = sorted(members, key=lambda member: member is not int)  # int first, others in order
+            action._typehint = functools.reduce(operator.or_, ordered)  # `|` unions are not cached
 
 
 def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
