@@ -219,7 +219,7 @@ def test_test_predict_export_and_plain_timm_agree(
     (new / "notes.txt").write_text("not an image")
     (new / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     assert main(["predict", "--config", str(config), *args, "--data.predict_path", str(new)]) == 0
-    rows = read_csv(other / "predictions.csv")
+    rows = read_csv(other / "predictions-2.csv")  # the first predict's file is kept
     assert [row["file"] for row in rows] == ["C.PNG", "a.png", "sub/b.jpg"]  # readable ones, sorted
     cli_probs = {}
     for row in rows:
