@@ -139,15 +139,17 @@ def test_a_new_fit_sets_the_earlier_runs_outputs_aside(
     tmp_path: Path, data_root: Path, tested: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = tiny_run_config(tmp_path, data_root, epochs=1)
-    outputs = ["result.json", "validation.json", "confusion_matrix.csv", "evaluations"]
+    outputs = ["result.json", "validation.json", "confusion_matrix.csv"]
     run_dir(config).mkdir()
     for name in outputs:
-        copy = shutil.copytree if name == "evaluations" else shutil.copy
-        copy(run_dir(tested) / name, run_dir(config) / name)
+        shutil.copy(run_dir(tested) / name, run_dir(config) / name)
+    (run_dir(config) / "evaluations").mkdir()
+    (run_dir(config) / "evaluations" / "test-1.json").write_text("{}")
     (run_dir(config) / "predictions.csv").write_text("index,file,label,class,confidence\n")
+    outputs += ["evaluations", "predictions.csv"]
     assert main(["fit", "--config", str(config), "--trainer.limit_train_batches", "1"]) == 0
     (previous,) = (run_dir(config) / "previous").iterdir()
-    for name in [*outputs, "predictions.csv"]:
+    for name in outputs:
         assert not (run_dir(config) / name).exists()
         assert (previous / name).exists()
     assert (previous / "result.json").read_bytes() == (run_dir(tested) / "result.json").read_bytes()

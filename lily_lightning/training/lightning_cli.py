@@ -169,6 +169,8 @@ class LilyCLI(LightningCLI):
             lock, owned = hold_for_fit(run_dir)
             self._own_run_lock = lock if owned else None
             kwargs["callbacks"].append(RunLockHeartbeat(lock))
+            if self.config_init["fit"]["ckpt_path"] is None:  # a new run, in the folder it now holds
+                set_aside_earlier_outputs(run_dir)
         return super().instantiate_trainer(**kwargs)
 
     def _resolve_checkpoint(self, checkpoint_dir: Path) -> None:
@@ -183,15 +185,12 @@ class LilyCLI(LightningCLI):
             check_fits(path, checkpoint, self.model.hparams, getattr(self.datamodule, "class_names", None))
             if self.subcommand == "fit":
                 check_resumable(path, checkpoint.get("hyper_parameters") or {}, self.model.hparams)
-        elif self.subcommand == "fit":
-            if (checkpoint_dir / LAST).is_file():
-                logging.getLogger("lily_lightning").warning(
-                    "Starting a new run: %s of an earlier run will be overwritten when this one ends its "
-                    "first epoch. To continue that run instead, add `--ckpt_path last`.",
-                    checkpoint_dir / LAST,
-                )
-            if rank_zero_only.rank == 0:
-                set_aside_earlier_outputs(checkpoint_dir.parent)
+        elif self.subcommand == "fit" and (checkpoint_dir / LAST).is_file():
+            logging.getLogger("lily_lightning").warning(
+                "Starting a new run: %s of an earlier run will be overwritten when this one ends its first "
+                "epoch. To continue that run instead, add `--ckpt_path last`.",
+                checkpoint_dir / LAST,
+            )
         self.config_init[self.subcommand]["ckpt_path"] = None if path is None else str(path)
 
 
