@@ -346,8 +346,9 @@ class ViTClassifier(L.LightningModule):
 
     def _record_evaluation(self, kind: str, record: dict[str, Any], name: str, why: str) -> Path:
         """Write ``record`` as ``name`` (result.json, validation.json) of the run that trained the checkpoint
-        when it is that run's complete evaluation under its own settings; else (``why`` says why not, or it
-        is found here) as a new ``evaluations/<kind>-<n>.json`` that replaces nothing. Returns the file."""
+        when it is that run's complete evaluation under its own settings, else as a new
+        ``evaluations/<kind>-<n>.json`` that replaces nothing, and return the file. ``why``: the caller's
+        reason it is not the run's (partial); the checkpoint's run, task and settings are checked here."""
         run_dir = Path(self.trainer.default_root_dir)
         trained_task = (self.trained_on or {}).get("task")
         folder, foreign = result_folder(run_dir, self.trainer.ckpt_path, trained_task, self._task())
