@@ -179,8 +179,9 @@ def test_grid_values_are_read_with_their_keys_type(
 def test_the_class_count_of_a_tuning_run_never_reads_the_test_list(tmp_path: Path) -> None:
     task = write_synthetic_vtab_task(tmp_path, "gap", 3, n_train800=6, n_val200=3, n_test=3)
     first = (task / "test.txt").read_text().splitlines()[0].split()[0]
+    shutil.copy(task / first, task / "images" / "test" / "extra.png")
     with (task / "test.txt").open("a") as test_list:
-        test_list.write(f"{first} 7\n")  # a label train and val never have
+        test_list.write("images/test/extra.png 7\n")  # a label train and val never have
     assert VTAB1kDataModule(str(tmp_path), "gap", split_mode="train800_val200").num_classes == 3
     (task / "test.txt").unlink()
     assert VTAB1kDataModule(str(tmp_path), "gap", split_mode="train800_val200").num_classes == 3
