@@ -1,11 +1,12 @@
 """One run of a sweep, in its folder: what it is (:class:`RunSpec`), where it stands, and how it is run.
 
 A run is `fit` then `test` (or `validate`, for a hyper-parameter selection run) through the CLI's ``main``, in
-one child process whose output goes to ``sweep_run.log`` in the run folder. Its exact arguments and its
-config files' digests are saved beside it in ``sweep_run.json``. :func:`execute` runs it under the run
-folder's lock (``training.run_lock``): a run held by another writer is left alone, a finished one is
-skipped, an interrupted one resumes from ``checkpoints/last.ckpt``, and a run recorded with other settings
-is not touched unless ``rerun`` says to start it again. The launchers (``studies.launchers``,
+one child process whose output goes to ``sweep_run.log`` in the run folder. Its resolved settings
+(``studies.settings``), exact arguments and config files' digests are saved beside it in
+``sweep_run.json``. :func:`execute` runs it under the run folder's lock (``training.run_lock``): a run held
+by another writer is left alone, a finished one is skipped, an interrupted one resumes from
+``checkpoints/last.ckpt``, and a run recorded with other settings is not touched unless ``rerun`` says to
+start it again. The launchers (``studies.launchers``,
 ``studies.slurm``) call it wherever the run executes.
 """
 

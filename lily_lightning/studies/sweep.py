@@ -10,11 +10,13 @@ Each run is `fit` then `test` in its own folder (``studies.grid`` lays them out:
 crash or memory cannot take the sweep down), with the configs layered as the README describes: the
 ``--config`` files, ``lora_vtab.yaml`` next to the first one for LoRA, then ``vtab/<task>.yaml`` or
 ``fgvc/<task>.yaml`` next to it when there is one, then the arguments after ``--``, the grid point, then the
-keys the sweep sets per run (which ``--`` and ``--grid`` may not set). Each run's exact arguments are saved
-beside it (``sweep_run.json``). A run with a complete ``result.json`` is finished and skipped; a run with
-``checkpoints/last.ckpt`` and no complete result resumes from it; a run recorded with other settings is not
-touched unless ``--rerun`` says to start it again; a run held by another writer (its lock) is left to it. A
-run that cannot start (its data folder is missing, say) is listed at the end and the sweep goes on.
+keys the sweep sets per run (which ``--`` and ``--grid`` may not set). Each run's resolved settings
+(``studies.settings``) and exact arguments are saved beside it (``sweep_run.json``). A run with a complete
+``result.json`` is finished and skipped; a run with ``checkpoints/last.ckpt`` and no complete result resumes
+from it (rerunning the same command resumes an interrupted sweep); a run recorded with other settings (by
+what they mean, not how they are spelt) is not touched unless ``--rerun`` says to start it again; a run held
+by another writer (its lock) is left to it. A run that cannot start (its data folder is missing, say) is
+listed at the end and the sweep goes on.
 
 With ``--select-on val`` every grid point is trained on the tuning split and scored on validation; the
 best point per (task, method) is then trained on the full split for each seed and tested once.
