@@ -157,12 +157,11 @@ def test_report_keeps_seeds_with_other_settings_apart_and_names_the_key(tmp_path
 def test_grid_values_are_read_with_their_keys_type(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = tmp_path / "c.yaml"
-    config.write_text(f"data: {{init_args: {{root: {tmp_path / 'no_data'}}}}}\n")
+    (tmp_path / "c.yaml").write_text(CONFIG)
     runs = tmp_path / "runs"
-    args = ["sweep", "--config", str(config), "--tasks", "alpha", "--runs-dir", str(runs)]
     # A value that is no int: one message naming the key, the value and the type; nothing runs.
-    assert main([*args, "--grid", "trainer.max_epochs=1,x"]) == 2
+    grid = ["--grid", "trainer.max_epochs=1,x", "--runs-dir", str(runs)]
+    assert main(["sweep", "--config", str(tmp_path / "c.yaml"), "--tasks", "alpha", *grid]) == 2
     err = capsys.readouterr().err
     assert "trainer.max_epochs" in err and "'x'" in err and "Optional[int]" in err and not runs.exists()
     # 1e-3 and 0.001 are one point (trained once, and said: the selection sweep below shows it end to end);
