@@ -197,7 +197,8 @@ def _child_main(steps: list[list[str]], log: str, env: dict[str, str]) -> None:
         interrupts.append(number)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the sweep ignores Ctrl-C
+        signal.signal(signal.SIGINT, interrupt)
     # Each step is one `python -m lily_lightning STEP` (fit, validate or test), run in this process.
     show_package_logs()
     try:
@@ -219,8 +220,9 @@ class ChildRunner:
         self.process: Any = None
 
     def run(self, steps: list[list[str]], log: Path, env: dict[str, str], lock: RunLock) -> int:
-        self.process = self.context.Process(target=_child_main, args=(steps, str(log), env), daemon=False)
-        self.process.start()
+        process = self.context.Process(target=_child_main, args=(steps, str(log), env), daemon=False)
+        process.start()
+        self.process = process  # only once started: Ctrl-C during a start leaves nothing to stop
         while self.process.exitcode is None:
             self.process.join(timeout=HEARTBEAT_S)
             lock.refresh()
