@@ -151,12 +151,11 @@ class VTAB1kDataModule(SplitDataModule):
             return known.num_classes
         if given is not None:
             return given
-        # A custom task: the list files are cheap to read, the images are not touched here. A tuning run
-        # (train800_val200) never reads the test list, and must not need it: hyper-parameter selection can
-        # run with the test list withheld. Other modes validate on test, so its absence fails there anyway.
-        splits = required_splits(self.split_mode)
-        if self.split_mode == "train800_val200" and not (self.task_dir / "test.txt").is_file():
-            splits = tuple(split for split in splits if split != "test")
+        # A custom task: the list files are cheap to read, the images are not touched here. The count comes
+        # from the splits fit reads (train and val): a tuning run (train800_val200) never reads the test
+        # list, so hyper-parameter selection neither looks at test labels nor needs the list.
+        roles = _ROLE_SPLITS[self.split_mode]
+        splits = tuple(dict.fromkeys(roles["train"] + roles["val"]))
         labels = sorted({r.label for r in self._records(splits)})
         inferred = labels[-1] + 1
         files = ", ".join(f"{s}.txt" for s in splits)
