@@ -41,8 +41,9 @@ _BLOCK_PLACES: dict[str, tuple[str, int | None]] = {
     "norm2": ("norm2", None),
     "tokens": ("", None),
 }
-# Model place (once per model, ``adapters.MODEL_PLACES``) -> module path in the ViT.
-_MODEL_PLACES: dict[str, str] = {"patch_embed": "patch_embed", "norm": "norm"}
+# Model place (once per model, ``adapters.MODEL_PLACES``) -> module path in the ViT. The patch embedding's
+# own norm (an Identity in most ViTs) is wrapped, not the PatchEmbed, whose attributes timm reads.
+_MODEL_PLACES: dict[str, str] = {"patch_embed": "patch_embed.norm", "norm": "norm"}
 # Inner modules are wrapped before the modules that contain them (fc1/fc2 before mlp, all before the block).
 _WRAP_ORDER = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp", "norm1", "norm2", "")
 # The branch kind that removes a TOKENS adapter's tokens again (on the final norm, before the head).
@@ -272,7 +273,7 @@ def _check_model(model: nn.Module, places: tuple[str, ...]) -> list[nn.Module]:
                     f"{SITES} need timm's standard Block (a fused attn.qkv Linear, an Mlp with fc1/fc2)"
                 )
     for place in places:
-        if place in _MODEL_PLACES and _fold_target(model.get_submodule(_MODEL_PLACES[place])) is None:
+        if place in _MODEL_PLACES and _model_fold_target(model, place) is None:
             raise ValueError(f"this ViT's `{_MODEL_PLACES[place]}` is no LayerNorm or patch embedding")
     return blocks
 
@@ -295,15 +296,24 @@ def _is_adaptable(module: nn.Module | None, path: str) -> bool:
 
 
 def _fold_target(module: nn.Module) -> nn.Module | None:
-    """The module whose weight and bias a merge folds a branch on ``module``'s output into: a Linear or an
-    affine LayerNorm itself, the patch embedding's norm (if it has one) or else its projection."""
-    if isinstance(module, PatchEmbed):
-        module = module.norm if isinstance(module.norm, nn.LayerNorm) else module.proj
+    """The module whose weight and bias a merge folds a branch on ``module``'s output into: a Linear, a
+    patch projection or an affine LayerNorm itself."""
     if isinstance(module, (nn.Linear, nn.Conv2d)) or (
         isinstance(module, nn.LayerNorm) and module.weight is not None
     ):
         return module
     return None
+
+
+def _model_fold_target(model: nn.Module, place: str) -> nn.Module | None:
+    """A model place's fold target: after the patch embedding, its norm if it has one, else its projection
+    (the flatten between them only moves channels last)."""
+    if place == "patch_embed":
+        patch_embed = model.patch_embed
+        if not isinstance(patch_embed, PatchEmbed):
+            return None
+        return _fold_target(patch_embed.norm) or _fold_target(patch_embed.proj)
+    return _fold_target(model.get_submodule(_MODEL_PLACES[place]))
 
 
 def _unfreeze(model: nn.Module, select: str) -> tuple[str, ...]:
@@ -318,13 +328,19 @@ def _unfreeze(model: nn.Module, select: str) -> tuple[str, ...]:
 
 
 def _wrap(
-    parent: nn.Module, path: str, adapters: nn.ModuleDict, branches: list[_Branch], prefix_tokens: int
+    parent: nn.Module,
+    path: str,
+    adapters: nn.ModuleDict,
+    branches: list[_Branch],
+    prefix_tokens: int,
+    fold_target: nn.Module | None = None,
 ) -> None:
-    """Replace the module at ``path`` under ``parent`` by an AdaptedSite running ``branches``."""
+    """Replace the module at ``path`` under ``parent`` by an AdaptedSite running ``branches``; its fold
+    target is ``fold_target``, or else the module itself when it can be one."""
     parent_path, _, name = path.rpartition(".")
     owner = parent.get_submodule(parent_path) if parent_path else parent
     base = getattr(owner, name)
-    site = AdaptedSite(base, adapters, branches, _fold_target(base), prefix_tokens)
+    site = AdaptedSite(base, adapters, branches, fold_target or _fold_target(base), prefix_tokens)
     setattr(owner, name, site)
     for branch in branches:  # DoRA's magnitude starts at the frozen weight's norm
         init = getattr(adapters[branch.site], "init_from_base", None)
@@ -374,11 +390,10 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     at_model: dict[str, list[_Branch]] = {}
     for key, adapter in adapters.items():
         if key in _MODEL_PLACES:
-            at_model.setdefault(_MODEL_PLACES[key], []).extend(
-                _Branch(key, 0, None, k) for k in kinds_of(adapter)
-            )
+            branches = (_Branch(key, 0, None, kind) for kind in kinds_of(adapter))
+            at_model.setdefault(key, []).extend(branches)
         if TOKENS in kinds_of(adapter):  # the prompts leave before the final norm's output reaches the head
             at_model.setdefault("norm", []).append(_Branch(key, 0, None, _DROP_TOKENS))
-    for path, branches in at_model.items():
-        _wrap(model, path, adapters, branches, prefix)
+    for place, branches in at_model.items():
+        _wrap(model, _MODEL_PLACES[place], adapters, branches, prefix, _model_fold_target(model, place))
     return model
