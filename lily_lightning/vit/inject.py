@@ -2,9 +2,13 @@
 
 Each adapted timm module is wrapped on the model *instance* by an :class:`AdaptedSite` (timm's classes
 are never patched), so the injected model still runs timm's own attention and MLP code. The adapter
-parameters live in one place, ``model.adapters`` (a ``ModuleDict`` keyed by site), and the wrappers
+parameters live in one place, ``model.adapters`` (a ``ModuleDict`` keyed by place), and the wrappers
 only hold references to them - so a Lily HP bank shared by every block is one tensor in
 ``named_parameters()``, in optimisers, under DDP and in checkpoints.
+
+A method names its places (``config.places``: ``q``, ``qkv``, ``norm1``, ``mlp``, ``tokens``,
+``patch_embed``, ...; the tables below map them to timm's modules) and its modules say their kinds
+(``adapters.kinds``); this file wires each kind the one way it is wired, whatever the method.
 """
 
 from __future__ import annotations
