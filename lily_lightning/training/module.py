@@ -1,10 +1,12 @@
-"""The LightningModule: a timm ViT backbone, Lily / LoRA / linear probe / full fine-tuning, a new head."""
+"""The LightningModule: a timm ViT backbone, Lily / LoRA / the visual-PEFT baselines / linear probe / full
+fine-tuning, a new head."""
 
 from __future__ import annotations
 
 import difflib
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +20,19 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from ..adapters import LilyConfig, LoRAConfig
+from ..adapters import (
+    METHOD_SETTINGS,
+    AdapterConfig,
+    AdaptFormerConfig,
+    BitFitConfig,
+    DoRAConfig,
+    FacTTTConfig,
+    LilyConfig,
+    LoRAConfig,
+    SequentialAdapterConfig,
+    SSFConfig,
+    VPTConfig,
+)
 from ..errors import UsageError
 from ..seeding import configured_seed, epoch_seed, run_seed
 from ..vit.inject import ADAPTERS_ATTR, inject
@@ -37,7 +51,20 @@ from .evaluation_record import eval_routing, evaluation_key, other_settings
 from .results import RESULT_FILE, VALIDATION_FILE, result_folder, write_evaluation, write_result
 from .schedule import warmup_cosine_lr
 
-Method = Literal["lily", "lora", "linear_probe", "full"]
+Method = Literal[
+    "lily",
+    "lora",
+    "linear_probe",
+    "full",
+    "bitfit",
+    "vpt_shallow",
+    "vpt_deep",
+    "adapter",
+    "adaptformer",
+    "ssf",
+    "fact_tt",
+    "dora",
+]
 Normalize = Literal["backbone", "imagenet", "none"]
 Report = Literal["final", "best_of_evals"]
 
@@ -85,6 +112,21 @@ def create_backbone(
     return model
 
 
+def adapter_config(method: str, settings: dict[str, Any]) -> AdapterConfig | None:
+    """The config ``method`` injects (from its setting in ``settings``); None for linear_probe and full."""
+    if method not in METHOD_SETTINGS:
+        return None
+    setting = METHOD_SETTINGS[method]
+    if setting is None:
+        return BitFitConfig()
+    config = settings[setting]
+    if setting == "vpt":  # one `vpt` setting for both methods; the method says shallow or deep
+        if config.deep and method == "vpt_shallow":
+            raise UsageError("model.vpt.deep is true but model.method is vpt_shallow; use method vpt_deep")
+        config = replace(config, deep=method == "vpt_deep")
+    return config
+
+
 def _role_size(datamodule: Any, role: str, default: int) -> int:
     """Images in a role's splits when the data module can say (``SplitDataModule``); else ``default``."""
     dataset = getattr(datamodule, "dataset", None)
@@ -106,10 +148,13 @@ class ViTClassifier(L.LightningModule):
         weights: local ``.safetensors`` / ``.pth`` / ``.npz`` backbone weights (``cache:`` paths are
             resolved to the user cache, see ``prepare demo``); overrides ``pretrained``.
         pretrained: with no ``weights``, download timm's pretrained weights (needs internet).
-        method: ``lily`` / ``lora`` (adapters from ``lily`` / ``lora``), ``linear_probe`` (head only),
-            ``full`` (every parameter).
+        method: ``lily`` / ``lora`` (adapters from ``lily`` / ``lora``), the visual-PEFT baselines
+            ``bitfit``, ``vpt_shallow`` / ``vpt_deep`` (config ``vpt``), ``adapter``, ``adaptformer``,
+            ``ssf``, ``fact_tt``, ``dora`` (each from the setting of its name), ``linear_probe`` (head
+            only), ``full`` (every parameter).
         lily: Lily's config (used when ``method: lily``).
         lora: LoRA's config (used when ``method: lora``).
+        vpt, adapter, adaptformer, ssf, fact_tt, dora: the configs of those methods (``adapters/``).
         img_size: input resolution, if not the backbone's default (the position table is resampled).
         normalize: input normalisation: the backbone's pretrained mean/std, ImageNet's, or none (the
             official Lily ViT code feeds [0, 1] pixels). Data modules yield [0, 1] pixels.
@@ -139,6 +184,12 @@ class ViTClassifier(L.LightningModule):
         method: Method = "lily",
         lily: LilyConfig = LilyConfig(),  # noqa: B008 - configs are never mutated; a plain (non-Optional)
         lora: LoRAConfig = LoRAConfig(),  # noqa: B008   type lets the CLI report a bad value in one line
+        vpt: VPTConfig = VPTConfig(),  # noqa: B008
+        adapter: SequentialAdapterConfig = SequentialAdapterConfig(),  # noqa: B008
+        adaptformer: AdaptFormerConfig = AdaptFormerConfig(),  # noqa: B008
+        ssf: SSFConfig = SSFConfig(),  # noqa: B008
+        fact_tt: FacTTTConfig = FacTTTConfig(),  # noqa: B008
+        dora: DoRAConfig = DoRAConfig(),  # noqa: B008
         img_size: int | None = None,
         normalize: Normalize = "backbone",
         drop_path_rate: float = 0.1,
@@ -170,9 +221,20 @@ class ViTClassifier(L.LightningModule):
         self.model = create_backbone(backbone, weights, pretrained, drop_path_rate, img_size)
         self.model.reset_classifier(num_classes)
         self.adapter_parameters = 0
-        if method in ("lily", "lora"):
+        settings = dict(
+            lily=lily,
+            lora=lora,
+            vpt=vpt,
+            adapter=adapter,
+            adaptformer=adaptformer,
+            ssf=ssf,
+            fact_tt=fact_tt,
+            dora=dora,
+        )
+        config = adapter_config(method, settings)
+        if config is not None:
             try:
-                inject(self.model, lily if method == "lily" else lora)
+                inject(self.model, config)
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.adapter_parameters = count_parameters(self.model)
