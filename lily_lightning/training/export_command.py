@@ -75,6 +75,13 @@ class ExportCLI(LilyCLI):
         parser.add_argument("--out", type=str, required=True, help="the .safetensors file to write")
         parser.add_argument("--force", action="store_true", help="replace an existing --out file")
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        # `export` runs as LightningCLI's `test`: its --help must name `export`, not `test`.
+        super()._add_subcommands(parser, **kwargs)
+        test_parser = parser._subcommands_action._name_parser_map["test"]
+        test_parser.prog = USAGE.removeprefix("usage: ").split(" --")[0]
+        test_parser.description = __doc__.split("\n\n")[0].strip("`").replace("``", "")
+
     def test(self, model: ViTClassifier, ckpt_path: str | None = None, **_: Any) -> None:
         # LightningCLI calls a method named after the subcommand instead of the Trainer's.
         if not ckpt_path or not Path(ckpt_path).is_file():

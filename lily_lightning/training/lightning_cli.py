@@ -187,6 +187,7 @@ def run_lightning(args: list[str] | None, cli: type[LilyCLI] = LilyCLI) -> LilyC
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"prog": "python -m lily_lightning"},  # what --help shows, not __main__.py
     )
 
 
