@@ -7,71 +7,38 @@ The Lightning subcommands take YAML configs (``--config``, layered left to right
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
 
 from .console import exit_code, show_package_logs
 from .errors import UsageError
-from .training.lightning_cli import check_config_files, run_command
+from .training.lightning_cli import run_command
 
 PROG = "python -m lily_lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 HELP_FLAGS = ("-h", "--help")
 
 
-def _prepare_demo(args: list[str]) -> int:
-    from .demo.prepare import main as prepare_demo_main
-
-    return prepare_demo_main(args)
-
-
-def _prepare_vtab1k(args: list[str]) -> int:
-    from .data.prepare.vtab1k_command import main as prepare_vtab1k_main
-
-    return prepare_vtab1k_main(args)
-
-
-def _prepare_fgvc(args: list[str]) -> int:
-    from .data.prepare.fgvc import main as prepare_fgvc_main
-
-    return prepare_fgvc_main(args)
-
-
-def _data_check(args: list[str]) -> int:
-    from .data.check import main as data_check_main
-
-    return data_check_main(args)
-
-
-def _sweep(args: list[str]) -> int:
-    from .studies.sweep import main as sweep_main
-
-    return sweep_main(args)
-
-
-def _report(args: list[str]) -> int:
-    from .studies.report import main as report_main
-
-    return report_main(args)
-
-
-def _export(args: list[str]) -> int:
-    from .training.export_command import main as export_main
-
-    check_config_files(args)
-    return export_main(args)
-
-
-# Every command but the Lightning ones: (group, name) -> (one line for --help, its main). A group of None is
-# a top-level command; "prepare" and "data" are groups of commands.
-COMMANDS: dict[tuple[str | None, str], tuple[str, Callable[[list[str]], int]]] = {
-    (None, "sweep"): ("fit + test many tasks, methods, seeds or grid points; rerun it to resume", _sweep),
-    (None, "report"): ("the paper's tables and figures from a runs folder's results", _report),
-    (None, "export"): ("a trained run as one merged timm .safetensors file (--ckpt_path, --out)", _export),
-    ("prepare", "demo"): ("the offline demo: DINOv2-S weights and MNIST digits", _prepare_demo),
-    ("prepare", "vtab1k"): ("build VTAB-1k's 19 tasks from TensorFlow Datasets", _prepare_vtab1k),
-    ("prepare", "fgvc"): ("build the five FGVC datasets from their official archives", _prepare_fgvc),
-    ("data", "check"): ("check a VTAB-1k, FGVC or class-folder tree: sizes, labels, images", _data_check),
+# Every command but the Lightning ones: (group, name) -> (one line for --help, the module whose main(args)
+# runs it, imported when the command runs). A group of None is a top-level command; "prepare" and "data" are
+# groups of commands.
+COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
+    (None, "sweep"): (
+        "fit + test many tasks, methods, seeds or grid points; rerun it to resume",
+        "studies.sweep",
+    ),
+    (None, "report"): ("the paper's tables and figures from a runs folder's results", "studies.report"),
+    (None, "export"): (
+        "a trained run as one merged timm .safetensors file (--ckpt_path, --out)",
+        "training.export_command",
+    ),
+    ("prepare", "demo"): ("the offline demo: DINOv2-S weights and MNIST digits", "demo.prepare"),
+    ("prepare", "vtab1k"): (
+        "build VTAB-1k's 19 tasks from TensorFlow Datasets",
+        "data.prepare.vtab1k_command",
+    ),
+    ("prepare", "fgvc"): ("build the five FGVC datasets from their official archives", "data.prepare.fgvc"),
+    ("data", "check"): ("check a VTAB-1k, FGVC or class-folder tree: sizes, labels, images", "data.check"),
 }
 LIGHTNING_SUMMARIES = {
     "fit": "train: --config CONFIG.yaml [--key value ...] (--ckpt_path last resumes)",
@@ -115,7 +82,7 @@ def _dispatch(args: list[str], from_sys_argv: bool) -> int:
         # LightningCLI reads sys.argv itself when called from the command line.
         return run_command(None if from_sys_argv else args, config_args=args)
     if (None, first) in COMMANDS:
-        return COMMANDS[None, first][1](args[1:])
+        return _run(COMMANDS[None, first][1], args[1:])
     groups = {group for group, _ in COMMANDS if group is not None}
     if first not in groups:
         raise UsageError(f"unknown command {first!r}.\n{command_list()}")
@@ -126,4 +93,8 @@ def _dispatch(args: list[str], from_sys_argv: bool) -> int:
     if (first, second) not in COMMANDS:
         what = f"unknown `{first}` command {second!r}" if second else f"`{first}` needs a command"
         raise UsageError(f"{what}.\n{group_list(first)}")
-    return COMMANDS[first, second][1](args[2:])
+    return _run(COMMANDS[first, second][1], args[2:])
+
+
+def _run(module: str, args: list[str]) -> int:
+    return importlib.import_module(f"{__package__}.{module}").main(args)

@@ -19,7 +19,7 @@ from ..paths import shown_path
 from ..vit.export import export_vit
 from .checkpointing import load_trained
 from .inference import inference_config
-from .lightning_cli import LilyCLI, run_lightning
+from .lightning_cli import LilyCLI, check_config_files, run_lightning
 from .module import ViTClassifier
 
 USAGE = (
@@ -95,5 +95,6 @@ class ExportCLI(LilyCLI):
 
 
 def main(args: list[str]) -> int:
+    check_config_files(args)
     run_lightning(["test", *args], ExportCLI)
     return 0
