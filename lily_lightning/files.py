@@ -45,7 +45,11 @@ def check_writable_folder(folder: Path, fix: str) -> None:
     """Create ``folder`` if need be and a file in it: a location that cannot be written is one message before
     any work, not a traceback after it. (``os.access`` says yes to root for a read-only folder.)"""
     with explained_write_errors(folder, fix):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError as error:  # a parent that cannot hold new folders (/proc, a lost mount)
+            where = shown_path(error.filename or folder)
+            raise UsageError(f"cannot write {folder}: no folder can be created in {where}. {fix}") from error
         try:
             handle, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
         except OSError as error:  # the message names the folder, not the file that could not be made in it

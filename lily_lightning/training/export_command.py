@@ -11,13 +11,15 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lightning.pytorch.cli import LightningArgumentParser
+
 from ..errors import UsageError
 from ..files import check_out_file
 from ..paths import shown_path
 from ..vit.export import export_vit
 from .checkpointing import load_trained
 from .inference import inference_config
-from .lightning_cli import LilyCLI, run_lightning
+from .lightning_cli import LilyCLI, check_config_files, run_lightning
 from .module import ViTClassifier
 
 SUFFIX = ".safetensors"
@@ -74,6 +76,13 @@ class ExportCLI(LilyCLI):
     writes_run_folder = False  # it writes --out alone
     out_file: ClassVar[dict[str, tuple[str, bool]]] = {"test": ("the .safetensors file to write", True)}
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        # `export` runs as LightningCLI's `test`: its --help must name `export`, not `test`.
+        super()._add_subcommands(parser, **kwargs)
+        test_parser = parser._subcommands_action._name_parser_map["test"]
+        test_parser.prog = USAGE.removeprefix("usage: ").split(" --")[0]
+        test_parser.description = __doc__.split("\n\n")[0].strip("`").replace("``", "")
+
     def test(self, model: ViTClassifier, ckpt_path: str | None = None, **_: Any) -> None:
         # LightningCLI calls a method named after the subcommand instead of the Trainer's.
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -87,5 +96,6 @@ class ExportCLI(LilyCLI):
 
 
 def main(args: list[str]) -> int:
+    check_config_files(args)
     run_lightning(["test", *args], ExportCLI)
     return 0

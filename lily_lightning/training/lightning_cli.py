@@ -59,6 +59,7 @@ class LilyCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._own_run_lock: RunLock | None = None
+        self._checkpoint_class_names: list[str] | None = None  # see _parse_ckpt_path
         try:
             super().__init__(*args, **kwargs)
         finally:
@@ -128,11 +129,23 @@ class LilyCLI(LightningCLI):
         wanted = flat_settings(explicit.as_dict() if explicit is not None else {})
         for key in EVALUATION_SETTINGS & wanted.keys():
             self.config[f"{subcommand}.model.{key}"] = wanted[key]
+        if "class_names" not in wanted:
+            # The model is built with the data's class count: a checkpoint trained on other classes is
+            # refused by check_fits, which names it and them, rather than by the model's own argument check.
+            self._checkpoint_class_names = self.config[f"{subcommand}.model.class_names"]
+            self.config[f"{subcommand}.model.class_names"] = None
         if subcommand == "fit" and explicit is not None:
             check_resumable(ckpt_path, self.config[f"{subcommand}.model"].as_dict(), explicit.as_dict())
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        names = self._checkpoint_class_names
+        if names is not None and len(names) == self.model.hparams.num_classes:
+            self.model.hparams.class_names = list(names)  # as the checkpoint's file rebuild gave them
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
+        refuse_pure_fp16(config.get("precision"))
         task = getattr(self.datamodule, "task", None) or "task"
         method = getattr(self.model, "method", "model")
         run_dir = Path(config.get("default_root_dir") or Path("runs") / task / method)
@@ -211,6 +224,18 @@ def int_before_float(parser: LightningArgumentParser) -> None:
             action._typehint = functools.reduce(operator.or_, ordered)  # `|` unions are not cached
 
 
+def refuse_pure_fp16(precision: Any) -> None:
+    """Pure float16 (weights and AdamW state in float16, no loss scaling) is refused: the tiny test run's
+    loss is NaN at its first step. bf16-true trains (its loss curve follows float32's), so it is allowed."""
+    if str(precision) == "16-true":
+        raise UsageError(
+            "--trainer.precision 16-true (pure float16: weights, gradients and optimiser state in float16, "
+            "no loss scaling) is not supported: float16's range overflows and the loss turns NaN within the "
+            "first steps. Use --trainer.precision 16-mixed (float16 matmuls, float32 weights, loss scaling) "
+            "or bf16-mixed (bf16-true also trains)."
+        )
+
+
 def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
     """The configured Trainer plugins, plus :class:`AtomicCheckpointIO` unless one writes checkpoints."""
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -234,6 +259,7 @@ def run_lightning(args: list[str] | None, cli: type[LilyCLI] = LilyCLI) -> LilyC
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"prog": "python -m lily_lightning"},  # what --help shows, not __main__.py
     )
 
 

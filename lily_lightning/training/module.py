@@ -209,8 +209,17 @@ class ViTClassifier(L.LightningModule):
             raise UsageError(f"num_classes must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise UsageError(
-                f"model.class_names names {len(class_names)} classes, num_classes is {num_classes}"
+                f"model.class_names names {len(class_names)} classes, num_classes is {num_classes} (linked "
+                "from the data's classes): give as many names as the data has classes, or leave "
+                "model.class_names out (the data's names are taken)."
             )
+        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("warmup_lr", warmup_lr),
+                            ("min_lr", min_lr)):  # fmt: skip
+            if not value >= 0:  # NaN too; torch's AdamW would refuse it with a bare ValueError
+                raise UsageError(
+                    f"model.{name} must be >= 0, got {value}. Typical values: model.lr 1e-3, "
+                    "model.weight_decay 1e-4 (the paper's)."
+                )
         if not 1 <= predict_top_k <= num_classes:
             raise UsageError(
                 f"model.predict_top_k must be in 1..num_classes ({num_classes}), got {predict_top_k}"
