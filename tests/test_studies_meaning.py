@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import one_epoch_config
 
 from lily_lightning.cli import main
 from lily_lightning.data import VTAB1kDataModule, write_synthetic_vtab_task
@@ -26,7 +25,6 @@ from lily_lightning.studies.grid import Study, parse_grid
 from lily_lightning.studies.grid_values import typed_axes
 from lily_lightning.studies.report import write_report
 from lily_lightning.studies.runs import ChildRunner, RunSpec, execute, other_settings
-from lily_lightning.training.results import read_validation
 
 RESULT = {"method": "lily", "backbone": "vit_tiny", "trainable_params": 110, "head_params": 10}
 
@@ -209,35 +207,3 @@ def test_an_interrupted_sweep_run_says_to_rerun_the_sweep(
     outcome = execute(spec, False, ChildRunner(multiprocessing.get_context("fork")), {}, lines.append)
     assert outcome.status == "failed" and "rerun the same sweep command" in outcome.message
     assert "rerun the same sweep command" in lines[-1] and "--ckpt_path" not in lines[-1]
-
-
-@pytest.fixture(scope="module")
-def selection_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path]:
-    """`--select-on val` with a config that turns validation during fit off (as configs/demo.yaml does), and
-    a grid where 3e-3 and 0.003 are one point: 2 selection runs and 1 final run of one step each."""
-    root = tmp_path_factory.mktemp("select")
-    data_root = root / "data"
-    write_synthetic_vtab_task(data_root, "shapes", 4, n_train800=8, n_val200=8, n_test=8)
-    model = "  backbone: vit_tiny_patch16_224\n  lily: {rank: 4, num_experts: 2}"
-    config = one_epoch_config(root / "c.yaml", data_root, "  limit_val_batches: 0", model)
-    runs = root / "runs"
-    args = ["sweep", "--config", str(config), "--tasks", "shapes", "--runs-dir", str(runs)]
-    args += ["--grid", "model.lr=3e-3,0.003,1e-2", "--select-on", "val", "--", "--trainer.max_steps", "1"]
-    code = main(args)
-    return code, (runs / "sweep.log").read_text(), runs
-
-
-def test_selection_validates_the_whole_val_split_although_the_config_turns_validation_off(
-    selection_sweep: tuple[int, str, Path],
-) -> None:
-    code, log, runs = selection_sweep
-    assert code == 0, log
-    assert "limit_val_batches is 0" in log and "shapes lily: chose" in log
-    assert "0.003 is the value 3e-3 again" in log and "(tuning split, no test): 2 runs" in log
-    for variant in ("lr=3e-3", "lr=1e-2"):
-        record = read_validation(runs / "shapes" / "lily" / "select" / variant)
-        assert record is not None and record["images"] == 8 and not record.get("partial")  # all of val200
-    assert not (runs / "shapes" / "lily" / "select" / "lr=0.003").exists()
-    # The class count of a selection run comes from its train and val lists, not from the test list.
-    selection_log = (runs / "shapes" / "lily" / "select" / "lr=3e-3" / "sweep_run.log").read_text()
-    assert "largest label in train800.txt, val200.txt (labels" in " ".join(selection_log.split())
