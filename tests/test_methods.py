@@ -258,7 +258,7 @@ def test_vit_b16_counts_follow_the_papers_formulas(method: str) -> None:
     assert count_backbone_parameters("vit_base_patch16_224", config) == VIT_B16_COUNTS[method]
 
 
-def test_published_figures_for_reference() -> None:
+def test_the_formulas_hand_values() -> None:
     # Hand values of the formulas above (the README table lists them next to the papers').
     assert VIT_B16_COUNTS == {
         "bitfit": 102_912,
