@@ -208,6 +208,13 @@ def read_validation(run_dir: Path) -> dict[str, Any] | None:
     return record
 
 
+def latest_evaluation(run_dir: Path, kind: str = "test") -> dict[str, Any] | None:
+    """The newest ``evaluations/<kind>-<n>.json`` record in ``run_dir`` (a partial or foreign `test` or
+    `validate`, e.g. a notebook's quick partial test), or None when there is none."""
+    records = sorted((Path(run_dir) / EVALUATIONS).glob(f"{kind}-*.json"), key=lambda p: p.stat().st_mtime_ns)
+    return json.loads(records[-1].read_text()) if records else None
+
+
 def collect_results(runs_dir: Path, warn: Callable[[str], None]) -> list[RunResult]:
     """Every run's result under ``runs_dir`` (any depth), in path order; an unreadable or stale file is named
     through ``warn`` and left out (so is everything a `fit` set aside under ``previous/``)."""
