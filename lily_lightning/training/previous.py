@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .confusion import CONFUSION_CSV, CONFUSION_PNG
@@ -34,7 +34,7 @@ def set_aside_earlier_outputs(run_dir: Path) -> Path | None:
     outputs = earlier_outputs(run_dir)
     if not outputs:
         return None
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
     folder = run_dir / PREVIOUS / stamp
     number = 1
     while folder.exists():  # two fits within a second
