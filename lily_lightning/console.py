@@ -1,9 +1,11 @@
 """How the command line talks: the package's log lines on the console, one message (no traceback) for each
-error a user can fix, and the exit code (0 done, 2 a user error, 130 Ctrl-C)."""
+error a user can fix, and the exit code (0 done, 2 a user error, 130 Ctrl-C, 141 output closed early)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -25,11 +27,19 @@ def show_package_logs() -> None:
 def exit_code(command: Callable[[], int | None]) -> int:
     """Run ``command``; a user error is its message on stderr and exit code 2, a bug keeps its traceback."""
     try:
-        return command() or 0
+        code = command() or 0
+        sys.stdout.flush()  # inside the try: a reader that went away is met here, not at interpreter exit
+        return code
     except KeyboardInterrupt:
         # Ctrl-C before or after Lightning's own handler (which exits 1 itself): no stack trace either.
         print_error("interrupted (Ctrl-C).")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`--help | head`): end quietly, as a program stopped by SIGPIPE (128 + 13).
+        # Python would otherwise fail again flushing stdout at exit; the Python docs advise pointing it at
+        # devnull (library/signal.html, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         message = user_message(e)
         if message is None:

@@ -8,6 +8,7 @@ import gzip
 import importlib.util
 import io
 import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -91,6 +92,19 @@ def test_unknown_commands_are_one_message(capsys: pytest.CaptureFixture[str]) ->
     ):
         code, _, err = run(args, capsys)
         assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_help_piped_into_a_reader_that_went_away_ends_quietly() -> None:
+    # `--help | head` with the reader gone before the listing is written: no BrokenPipeError report.
+    with subprocess.Popen(
+        [sys.executable, "-m", "lily_lightning", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # long before the child has imported torch and printed
+        err = process.stderr.read().decode()
+        code = process.wait(timeout=120)
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
+    assert code == 141  # as a program stopped by SIGPIPE
 
 
 # -- section 4: class folders ------------------------------------------------------------------------------
