@@ -58,10 +58,14 @@ executed = os.environ.get("LILY_DOCS_NOTEBOOKS")
 notebook_source = Path(executed) if executed else REPO / "notebooks"
 rendered = DOCS / "tutorials" / "notebooks"
 rendered.mkdir(parents=True, exist_ok=True)
+wanted = {notebook.name: notebook for notebook in notebook_source.glob("*.ipynb")}
 for stale in rendered.glob("*.ipynb"):
-    stale.unlink()
-for notebook in sorted(notebook_source.glob("*.ipynb")):
-    shutil.copyfile(notebook, rendered / notebook.name)
+    if stale.name not in wanted:
+        stale.unlink()
+for name, notebook in wanted.items():
+    target = rendered / name
+    if not target.exists() or target.read_bytes() != notebook.read_bytes():  # unchanged: not read again
+        shutil.copyfile(notebook, target)
 
 nb_execution_mode = "off" if executed else "cache"
 nb_execution_timeout = 1800
