@@ -68,6 +68,7 @@ for name, notebook in wanted.items():
         shutil.copyfile(notebook, target)
 
 nb_execution_mode = "off" if executed else "cache"
+nb_execution_cache_path = str(REPO / "site" / ".jupyter_cache")  # re-executes only notebooks that changed
 nb_execution_timeout = 1800
 nb_execution_raise_on_error = True
 nb_execution_in_temp = True  # each notebook writes its runs and figures into a folder of its own
