@@ -74,3 +74,4 @@ nb_execution_raise_on_error = True
 nb_execution_in_temp = True  # each notebook writes its runs and figures into a folder of its own
 nb_execution_show_tb = True
 nb_merge_streams = True
+nb_output_stderr = "remove"  # library warnings and tips; an error still stops the build
