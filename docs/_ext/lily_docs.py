@@ -130,7 +130,7 @@ def docstring_arguments(doc: str, names: set[str]) -> dict[str, str]:
     for line in lines[start:]:
         if line and not line.startswith(" "):
             break
-        entry = re.match(r"^    ([\w, ]+):\s*(.*)$", line)
+        entry = re.match(r"^    (\w+(?:, \w+)*):\s*(.*)$", line)
         if entry:
             current = [name.strip() for name in entry.group(1).split(",")]
             for name in current:
