@@ -45,13 +45,27 @@ def check_writable_folder(folder: Path, fix: str) -> None:
     """Create ``folder`` if need be and a file in it: a location that cannot be written is one message before
     any work, not a traceback after it. (``os.access`` says yes to root for a read-only folder.)"""
     with explained_write_errors(folder, fix):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError as error:  # a parent that cannot hold new folders (/proc, a lost mount)
+            where = shown_path(error.filename or folder)
+            raise UsageError(f"cannot write {folder}: no folder can be created in {where}. {fix}") from error
         try:
             handle, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
         except OSError as error:  # the message names the folder, not the file that could not be made in it
             raise OSError(error.errno, error.strerror, str(folder)) from error
         os.close(handle)
         os.unlink(probe)
+
+
+def check_out_file(out: Path, force: bool, example: Path) -> None:
+    """Refuse, before any work, an ``--out`` that is a folder (``example`` names a file in it), that exists
+    (unless ``force``: the user asked to replace it), or whose folder cannot be written."""
+    if out.is_dir():
+        raise UsageError(f"--out {shown_path(out)} is a folder; name the file to write: --out {example}")
+    if out.exists() and not force:
+        raise UsageError(f"--out {out} exists: add --force to replace it, or choose another --out")
+    check_writable_folder(out.parent, "Choose another --out.")
 
 
 def _write_all(file: IO[bytes], data: memoryview) -> None:

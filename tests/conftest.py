@@ -6,19 +6,34 @@ from pathlib import Path
 
 import pytest
 
+from lily_lightning.cli import main
 from lily_lightning.data import write_synthetic_vtab_task
 
 NUM_CLASSES = 4
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A generated 4-class VTAB-1k-layout task ``shapes`` at 32 px: 48 + 16 training images, 64 test."""
+    """A generated 4-class VTAB-1k-layout task ``shapes`` at 32 px: 48 + 16 training images, 64 test.
+    One for the whole session, so a fit on it can be shared too: never write into it."""
     root = tmp_path_factory.mktemp("vtab")
     write_synthetic_vtab_task(
         root, "shapes", NUM_CLASSES, n_train800=48, n_val200=16, n_test=64, image_size=32
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[Path, Path]:
+    """(config, checkpoint) of a short Lily fit with batch routing (the paper's, and the default): three
+    steps, no validation. Shared by every test that only reads it (export, refusals)."""
+    from test_cli import tiny_run_config
+
+    tmp = tmp_path_factory.mktemp("fit")
+    config = tiny_run_config(tmp, data_root, epochs=1)
+    args = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0"]
+    assert main(["fit", "--config", str(config), *args]) == 0
+    return config, tmp / "run" / "checkpoints" / "last.ckpt"
 
 
 def one_epoch_config(path: Path, data_root: Path, trainer: str, model: str) -> Path:

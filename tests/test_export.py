@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_cli import tiny_run_config, trainable_tensors
+from test_cli import trainable_tensors
 
 from lily_lightning import LilyConfig, unmerge
 from lily_lightning.cli import main
@@ -20,16 +20,6 @@ from lily_lightning.training.module import ViTClassifier
 from lily_lightning.vit.export import load_exported
 
 SITES = ("k", "v", "mlp")
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[Path, Path]:
-    """(config, checkpoint) of a short Lily fit with batch routing (the paper's, and the default)."""
-    tmp = tmp_path_factory.mktemp("fit")
-    config = tiny_run_config(tmp, data_root, epochs=1)
-    args = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0"]
-    assert main(["fit", "--config", str(config), *args]) == 0
-    return config, tmp / "run" / "checkpoints" / "last.ckpt"
 
 
 def test_running_statistics_survive_fit_checkpoint_test_and_eval_routing_is_switchable(

@@ -219,7 +219,7 @@ def test_test_predict_export_and_plain_timm_agree(
     (new / "notes.txt").write_text("not an image")
     (new / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     assert main(["predict", "--config", str(config), *args, "--data.predict_path", str(new)]) == 0
-    rows = read_csv(other / "predictions.csv")
+    rows = read_csv(other / "predictions-2.csv")  # the first predict's file is kept
     assert [row["file"] for row in rows] == ["C.PNG", "a.png", "sub/b.jpg"]  # readable ones, sorted
     cli_probs = {}
     for row in rows:
@@ -329,16 +329,16 @@ def test_data_check_names_classes_missing_from_a_split(tmp_path: Path) -> None:
 
 def test_csv_labels_by_name_or_id(tmp_path: Path) -> None:
     for label, name in enumerate(("b", "a")):
-        for i in range(3):
+        for i in range(4):
             _image(label, i).save(tmp_path / f"{name}{i}.png")
     (tmp_path / "train.csv").write_text(
         "path,label\n" + "".join(f"{n}{i}.png,{n}\n" for n in "ab" for i in range(3))
     )
-    (tmp_path / "test.csv").write_text("b0.png,1\na0.png,a\n")  # an id and a name
+    (tmp_path / "test.csv").write_text("b3.png,1\na3.png,a\n")  # an id and a name; images train lacks
     data = ImageFolderDataModule(str(tmp_path), val_fraction=0.0, num_workers=0, image_size=32)
     assert data.class_names == ["a", "b"]
     records = data.roles()["test"]
-    assert [(r.path.name, r.label) for r in records] == [("b0.png", 1), ("a0.png", 0)]
+    assert [(r.path.name, r.label) for r in records] == [("b3.png", 1), ("a3.png", 0)]
     (tmp_path / "train.csv").write_text("a0.png,0\nb0.png,b\n")
     with pytest.raises(UsageError, match="mixes class names and class ids"):
         ImageFolderDataModule(str(tmp_path))

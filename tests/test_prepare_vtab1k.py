@@ -3,7 +3,9 @@ data (in a TFDS venv: $LILY_TFDS_PYTHON, or this one if it has tensorflow-datase
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lily_lightning.cli import main
 from lily_lightning.data import VTAB_TASKS
 from lily_lightning.data.prepare.vtab1k import (
     SOURCES,
@@ -182,6 +185,7 @@ MOCK_SPLITS = {
     "dsprites:2.*.*": {"train": 1000},  # test = train[900:]: 100
     "smallnorb:2.*.*": {"train": 800, "test": 200},  # test = test[50%:]: 100
 }
+TIMEOUT_S = 900  # for one exporter run
 MOCK_TEST_SIZES = {"eurosat": 160, "resisc45": 160, "dsprites_loc": 100, "dsprites_ori": 100}
 MOCK_TEST_SIZES |= {"smallnorb_azi": 100, "smallnorb_ele": 100, "clevr_count": 9, "clevr_dist": 9}
 
@@ -205,7 +209,10 @@ class MockTFDS:
         self.tfds_dir = folder / "tfds"
         self.spec.write_text(json.dumps({"metadata_dir": str(folder / "metadata"), "splits": splits}))
         worker = TESTS / "tfds_mock_worker.py"
-        self.python.write_text(f'#!/bin/sh\nexec "{tfds_python()}" "{worker}" "{self.spec}" "$@"\n')
+        # A time limit on the exporter (the command runs it without one); --foreground keeps it in the
+        # caller's process group, which the resume test kills.
+        limit = f"timeout --foreground {TIMEOUT_S}"
+        self.python.write_text(f'#!/bin/sh\nexec {limit} "{tfds_python()}" "{worker}" "{self.spec}" "$@"\n')
         self.python.chmod(0o755)
 
     def command(self, root: Path, *tasks: str) -> list[str]:
@@ -213,13 +220,19 @@ class MockTFDS:
         command += ["--tfds-dir", str(self.tfds_dir), "--tfds-python", str(self.python)]
         return command + (["--tasks", *tasks] if tasks else [])
 
-    def run(self, root: Path, *tasks: str) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(root, *tasks), capture_output=True, text=True, timeout=900)
+    def run(self, root: Path, *tasks: str) -> tuple[int, str]:
+        """The command in this process (the exporter is its subprocess): exit code, what it printed.
+
+        The exporter prints straight to file descriptor 1 (pytest keeps it: shown if a test fails)."""
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = main(self.command(root, *tasks)[3:])
+        return code, printed.getvalue()
 
 
 @pytest.fixture(scope="module")
-def mock_build(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """All 19 tasks, built once from mock data."""
+def mock_build(tmp_path_factory) -> tuple[Path, tuple[int, str]]:
+    """All 19 tasks, built once from mock data: the root, and the build's exit code and output."""
     folder = tmp_path_factory.mktemp("mock-tfds")
     root = folder / "vtab-1k"
     return root, MockTFDS(folder, MOCK_SPLITS).run(root)
@@ -227,9 +240,9 @@ def mock_build(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 @needs_tfds
 def test_all_19_tasks_pass_data_check(mock_build):
-    root, build = mock_build
-    assert build.returncode == 0, build.stdout + build.stderr
-    assert "All 19 checked are complete and readable" in build.stdout  # the closing `data check`
+    root, (code, out) = mock_build
+    assert code == 0, out
+    assert "All 19 checked are complete and readable" in out  # the closing `data check`
     assert not any(p.name.startswith(".") for p in root.iterdir())  # no partial folder left
 
 
@@ -238,17 +251,15 @@ def test_manual_download_task_without_its_file(tmp_path):
     # No TFDS metadata for diabetic_retinopathy: TFDS has not prepared it, and its manual folder is empty.
     splits = {k: v for k, v in MOCK_SPLITS.items() if k.startswith("dtd")}
     mock, root = MockTFDS(tmp_path, splits), tmp_path / "vtab-1k"
-    build = mock.run(root, "diabetic_retinopathy", "dtd")
-    assert build.returncode == 1, build.stdout + build.stderr
+    code, out = mock.run(root, "diabetic_retinopathy", "dtd")
+    assert code == 1, out
     manual = str(mock.tfds_dir / "downloads" / "manual")
-    message = [
-        line for line in build.stdout.splitlines() if line.startswith("not built: diabetic_retinopathy")
-    ]
-    assert len(message) == 1, build.stdout
+    message = [line for line in out.splitlines() if line.startswith("not built: diabetic_retinopathy")]
+    assert len(message) == 1, out
     assert "kaggle.com/c/diabetic-retinopathy-detection" in message[0] and manual in message[0]
     assert "trainLabels.csv" in message[0] and "run the same command again" in message[0]
-    assert "1 not built: diabetic_retinopathy" in build.stdout
-    assert "All 1 checked are complete and readable" in build.stdout  # dtd was still built
+    assert "1 not built: diabetic_retinopathy" in out
+    assert "All 1 checked are complete and readable" in out  # dtd was still built
     assert sorted(p.name for p in root.iterdir()) == ["dtd"]
 
 
@@ -311,9 +322,9 @@ def test_killed_build_resumes_to_the_same_tree(tmp_path, mock_build):
         os.killpg(process.pid, signal.SIGKILL)  # the command and its TFDS worker
         process.wait(timeout=60)
     assert (root / "dtd" / "test.txt").is_file() and not (root / "clevr_count").exists()
-    resumed = mock.run(root, *tasks)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "dtd: complete (data check passes), skipped" in resumed.stdout
+    code, out = mock.run(root, *tasks)
+    assert code == 0, out
+    assert "dtd: complete (data check passes), skipped" in out
     assert sorted(p.name for p in root.iterdir()) == sorted(tasks)  # the partial folder is gone
     for task in tasks:  # equal to the uninterrupted build of the same mock data
         assert tree(root / task) == tree(mock_build[0] / task)

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import test_export
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -186,9 +185,6 @@ def full_disk_after(monkeypatch: pytest.MonkeyPatch, syncs: int) -> None:
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-
-
-fitted = test_export.fitted  # the (config, checkpoint) of a short Lily fit, one per test module
 
 
 def export_args(fitted: tuple[Path, Path], out: Path, *more: str) -> list[str]:

@@ -23,8 +23,8 @@ from lily_lightning.training.run_lock import LOCK_FILE, STALE_AFTER_S, RunLock, 
 
 TESTS = Path(__file__).parent
 TASKS = ["alpha", "beta", "gamma"]
-# One clearly worse point: lr 0 trains nothing; 3e-2 lets LoRA learn in one step.
-GRID = ["model.lr=3e-2,0"]
+# One clearly worse point: lr 0 trains nothing; 3e-2 lets LoRA learn in one step. 0.0 is 0 again: one point.
+GRID = ["model.lr=3e-2,0,0.0"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def test_study_selects_on_validation_without_test_and_a_rerun_trains_nothing(
     runs = tmp_path / "runs"
     args = ["sweep", "--config", str(config), "--tasks", *TASKS, "--methods", "lily", "lora"]
     args += ["--seeds", "0", "1", "--grid", *GRID, "--select-on", "val", "--parallel", "2"]
-    args += ["--runs-dir", str(runs)]
+    # Validation during fit off (as configs/demo.yaml has it): the selection still scores the whole val split.
+    args += ["--runs-dir", str(runs), "--", "--trainer.limit_val_batches", "0"]
     # 1. alpha's test list is withheld: its selection still completes; only its final runs cannot test.
     test_list = root / "data" / "alpha" / "test.txt"
     test_list.rename(test_list.with_suffix(".withheld"))
@@ -70,6 +71,14 @@ def test_study_selects_on_validation_without_test_and_a_rerun_trains_nothing(
         for seed in (0, 1):
             assert f"alpha {method} seed{seed}: not finished: error:" in out
     assert out.count(": not finished:") == 4  # only alpha's four final runs
+    assert "--grid model.lr: 0.0 is the value 0 again" in out and "limit_val_batches is 0" in out
+    for task in TASKS:  # every selection scored all 8 val200 images; the class count never read test.txt
+        validation = json.loads(
+            (runs / task / "lily" / "select" / "lr=0" / "seed0" / "validation.json").read_text()
+        )
+        assert validation["images"] == 8 and not validation.get("partial")
+        log = (runs / task / "lily" / "select" / "lr=0" / "seed0" / "sweep_run.log").read_text()
+        assert "largest label in train800.txt, val200.txt (labels" in " ".join(log.split())
 
     # 2. The same command again: only alpha's final runs train; 3. and again: nothing trains.
     assert main(args) == 0

@@ -4,7 +4,10 @@ Runs in the TFDS venv (no lily_lightning there). SPEC.json: ``{"metadata_dir": D
 spec>": {"<split>": <examples>, ...}, ...}}``. Each listed dataset gets a ``dataset_info.json`` with those
 split sizes, so the exporter resolves its slices against them; a dataset left out has no metadata, as if TFDS
 had never prepared it. ``tfds.testing.mock_data`` then fabricates examples from each dataset's real feature
-spec (800 per split, whatever the slice: the exporter takes what the slice should hold).
+spec (800 per split, whatever the slice: the exporter takes what the slice should hold). Images larger than
+64x64 (resisc45, patch_camelyon, eurosat, dmlab, smallnorb) are all zero: TFDS encodes each fake image as
+PNG, and noise of 256x256x3 took ~0.1 s an image (resisc45 alone ~100 s); the small ones stay random (the
+resume test compares dtd's and clevr's bytes, dsprites' 0/1 pixels test their scaling).
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import json
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
+import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
 MOCK_EXAMPLES = 800  # the largest slice the exporter reads (train800)
+LARGEST_RANDOM_IMAGE = 64 * 64  # values (height x width x channels); a larger image is all zero
 
 
 def write_metadata(metadata_dir: Path, splits: dict[str, dict[str, int]]) -> None:
@@ -33,6 +39,18 @@ def write_metadata(metadata_dir: Path, splits: dict[str, dict[str, int]]) -> Non
         builder.info.write_to_directory(builder.data_dir)
 
 
+random_feature = mocking.RandomFakeGenerator._generate_random_obj
+
+
+def cheap_feature(self: Any, feature: Any, tensor_info: Any, rng: np.random.Generator) -> Any:
+    """The mock's random value of one feature, but zeros for a fixed-shape image over the limit."""
+    shape = tensor_info.shape
+    large = None not in shape and np.prod(shape) > LARGEST_RANDOM_IMAGE
+    if isinstance(feature, tfds.features.Image) and large:
+        return np.zeros(shape, tensor_info.np_dtype)
+    return random_feature(self, feature, tensor_info, rng)
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     metadata_dir = Path(spec["metadata_dir"])
@@ -44,6 +62,7 @@ def main() -> None:
     # max_value=2: pixels 0/1 keep the mock's images small; class labels still cover their whole range.
     with (
         mock.patch.object(mocking.RandomFakeGenerator.__init__, "__defaults__", constant_shape),
+        mock.patch.object(mocking.RandomFakeGenerator, "_generate_random_obj", cheap_feature),
         tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, max_value=2, data_dir=str(metadata_dir)),
     ):
         sys.argv = sys.argv[2:]

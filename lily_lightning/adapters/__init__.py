@@ -1,20 +1,42 @@
-"""The methods, free of timm and Lightning: configs, the Lily site, the LoRA site."""
+"""The methods, free of timm and Lightning: configs, the Lily site, LoRA and the visual-PEFT baselines."""
 
-from .build import build_adapter
-from .config import EVAL_ROUTINGS, ROUTINGS, SITES, AdapterConfig, LilyConfig, LoRAConfig
+from .adapter import SequentialAdapterConfig
+from .adaptformer import AdaptFormerConfig
+from .bitfit import BitFitConfig
+from .build import METHOD_SETTINGS, AdapterConfig, build_adapters
+from .config import EVAL_ROUTINGS, ROUTINGS, SITES, LilyConfig, LoRAConfig
+from .dora import DoRAConfig
+from .fact import FacTTTConfig
+from .kinds import AFFINE, DELTA, MODEL_PLACES, TOKENS, UNFROZEN, kinds_of
 from .lily import LilyAdapter, mix_experts, mix_fixed, mixed_bank, scaled_mix
 from .lora import LoRAAdapter
+from .ssf import SSFConfig
+from .vpt import VPTConfig
 
 __all__ = [
+    "AFFINE",
+    "DELTA",
     "EVAL_ROUTINGS",
+    "METHOD_SETTINGS",
+    "MODEL_PLACES",
     "ROUTINGS",
     "SITES",
+    "TOKENS",
+    "UNFROZEN",
+    "AdaptFormerConfig",
     "AdapterConfig",
+    "BitFitConfig",
+    "DoRAConfig",
+    "FacTTTConfig",
     "LilyAdapter",
     "LilyConfig",
     "LoRAAdapter",
     "LoRAConfig",
-    "build_adapter",
+    "SSFConfig",
+    "SequentialAdapterConfig",
+    "VPTConfig",
+    "build_adapters",
+    "kinds_of",
     "mix_experts",
     "mix_fixed",
     "mixed_bank",

@@ -35,10 +35,15 @@ def _check_targets(targets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return targets
 
 
-def _check_positive(**values: float) -> None:
+def check_positive(**values: float) -> None:
     for name, value in values.items():
         if value <= 0:
             raise UsageError(f"{name} must be > 0, got {value}")
+
+
+def check_dropout(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise UsageError(f"dropout must be in [0, 1), got {dropout}")
 
 
 @dataclass
@@ -81,9 +86,9 @@ class LilyConfig:
 
     def __post_init__(self) -> None:
         self.targets = _check_targets(self.targets)
-        _check_positive(rank=self.rank, num_experts=self.num_experts)
+        check_positive(rank=self.rank, num_experts=self.num_experts)
         if self.lp_stride is not None:
-            _check_positive(lp_stride=self.lp_stride)
+            check_positive(lp_stride=self.lp_stride)
         if self.routing not in ROUTINGS:
             raise UsageError(f"unknown routing {self.routing!r}; choose one of {ROUTINGS}")
         if self.eval_routing not in EVAL_ROUTINGS:
@@ -95,6 +100,11 @@ class LilyConfig:
             )
         if not 0.0 < self.running_momentum <= 1.0:
             raise UsageError(f"running_momentum must be in (0, 1], got {self.running_momentum}")
+
+    @property
+    def places(self) -> tuple[str, ...]:
+        """Where the adapters go (``vit/inject``'s place names): the target sites."""
+        return self.targets
 
     def resolve_lp_stride(self, depth: int) -> int:
         """The LP sharing stride for a model of ``depth`` blocks (official: ``12 // ne``)."""
@@ -127,13 +137,13 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         self.targets = _check_targets(self.targets)
-        _check_positive(rank=self.rank, alpha=self.alpha)
-        if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_positive(rank=self.rank, alpha=self.alpha)
+        check_dropout(self.dropout)
+
+    @property
+    def places(self) -> tuple[str, ...]:
+        return self.targets
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
-
-
-AdapterConfig = LilyConfig | LoRAConfig

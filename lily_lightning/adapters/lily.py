@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EvalRouting, LilyConfig, Routing
+from .kinds import DELTA
 from .sync import global_mean, is_distributed
 
 
@@ -119,6 +120,9 @@ class LilyAdapter(nn.Module):
     eval when ``eval_routing="running"``. Uniform routing has no routers at all.
     """
 
+    kinds = (DELTA,)
+    reads = "input"
+
     def __init__(
         self,
         in_features: int,
@@ -191,6 +195,30 @@ class LilyAdapter(nn.Module):
                 # mix is float32; the buffer too unless the whole model was cast (model.to(torch.bfloat16)).
                 self.running_mix[block].lerp_(mix.to(self.running_mix.dtype), self.running_momentum)
         return mix
+
+    def delta_weight(self, block: int) -> torch.Tensor | None:
+        """``s * HP_mix^T @ W_LP``: the (out, in) matrix of a linear site with a fixed mix; else None."""
+        mix = self.eval_mix(block)
+        if mix is None or not isinstance(self.act, nn.Identity):
+            return None
+        return self.scale * mixed_bank(mix, self.hp).T @ self.lp[block // self.lp_stride].weight
+
+    def merge_problem(self, site: str) -> str | None:
+        """Why input-dependent expert weights cannot be folded, and what to use instead; None if they can."""
+        if self.eval_mix(0) is not None:
+            return None
+        if self.routing == "batch":
+            return (
+                f"cannot merge Lily site {site!r}: with eval_routing='batch' its expert mix is recomputed "
+                "from each eval batch, so no fixed weight exists. Evaluate with the running mix of training "
+                "(eval_routing: running; CLI: --model.lily.eval_routing running; library: "
+                "LilyConfig(eval_routing='running')), or train with routing: uniform"
+            )
+        return (
+            f"cannot merge Lily site {site!r}: routing={self.routing!r} mixes the experts per "
+            f"{'image' if self.routing == 'sample' else 'token'}, so no fixed weight exists. Train with "
+            "routing: uniform, or with routing: batch and evaluate with eval_routing: running"
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -6,10 +6,14 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
+from .kinds import DELTA
 
 
 class LoRAAdapter(nn.Module):
     """One LoRA site across all ``depth`` blocks; ``forward(x, block)`` returns that block's delta."""
+
+    kinds = (DELTA,)
+    reads = "input"
 
     def __init__(
         self, in_features: int, out_features: int, depth: int, rank: int, scaling: float, dropout: float
@@ -26,6 +30,10 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: torch.Tensor, block: int) -> torch.Tensor:
         # Scaling the rank-r activation, not the output, is the same map at 1/r-th of an output-wide multiply.
         return self.lora_b[block](self.lora_a[block](self.dropout(x)) * self.scaling)
+
+    def delta_weight(self, block: int) -> torch.Tensor:
+        """``alpha / r * W_B @ W_A`` (dropout is the identity at eval)."""
+        return self.scaling * self.lora_b[block].weight @ self.lora_a[block].weight
 
     def extra_repr(self) -> str:
         return f"scaling={self.scaling}"

@@ -341,7 +341,7 @@ def check_tree(
 def main(argv: Sequence[str] | None = None) -> int:
     """``lily-lightning data check --root R [--name N]``; returns the exit code (2 for unusable arguments)."""
     parser = argparse.ArgumentParser(
-        prog="lily-lightning data check",
+        prog="python -m lily_lightning data check",
         description="Verify a VTAB-1k, FGVC or class-folder tree: split sizes, labels, every image decodes.",
     )
     parser.add_argument(

@@ -43,10 +43,30 @@ def is_image_name(path: Path) -> bool:
 
 
 def walk_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` (any depth, following links as torchvision does), sorted."""
-    return sorted(
-        Path(parent) / name for parent, _, names in os.walk(folder, followlinks=True) for name in names
-    )
+    """Every file under ``folder`` (any depth, following links as torchvision does), sorted; a file reached
+    twice (a link beside its target) is listed once, by its first path.
+
+    A linked folder that is one already walked (``dog/loop -> ..``) is refused: os.walk would list the same
+    images again and again, down to the OS's limit on link depth.
+    """
+    walked: dict[Path, Path] = {}  # real folder -> the path it was first walked as
+    files: dict[Path, Path] = {}  # real file -> its first path
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        here = Path(parent).resolve()
+        walked.setdefault(here, Path(parent))
+        for name in folders:
+            link = Path(parent) / name
+            target = link.resolve()
+            if link.is_symlink() and (target in walked or target in here.parents):
+                where = f"walked already as {walked[target]}" if target in walked else "a folder above it"
+                raise UsageError(
+                    f"{link} links to {target}, {where}: a link loop (or a second way to the same images) "
+                    "would list the same images again and again, under other classes too. Remove the link, "
+                    "or replace it with a copy of the images it should add."
+                )
+        for name in names:
+            files.setdefault((Path(parent) / name).resolve(), Path(parent) / name)
+    return sorted(files.values())
 
 
 def split_by_name(files: Iterable[Path]) -> tuple[list[Path], list[SkippedFile]]:

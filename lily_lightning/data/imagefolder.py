@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from timm.data import resolve_data_config
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 HELD_OUT: tuple[Role, ...] = ("test", "val")  # drawn from train in this order when their folder is missing
 SPLIT_FILE = "split.csv"  # in the run folder: which training-folder image each role got
+SPLIT_SETTINGS_FILE = "split_settings.json"  # beside it: the fractions and seed that drew it
 NOT_IN_A_CLASS_FOLDER = "not in a class folder"
 IMAGE_FOLDER_LAYOUT = """Expected layout (class names: the folder names, sorted as torchvision sorts them):
   <root>/train/<class>/<images>      (any depth below the class folder; .jpg .jpeg .png .bmp .webp .tif ...)
@@ -132,6 +135,40 @@ def _resolve_label(label: str, index: Mapping[str, int], origin: str) -> int:
     )
 
 
+def _each_file_once(
+    splits: Mapping[str, list[ImageRecord]], names: Sequence[str], root: Path
+) -> dict[str, list[ImageRecord]]:
+    """Each split's records with every real file (links resolved) once; a file in two classes or two splits
+    (through a link, or listed twice in CSVs) is a UsageError naming both paths."""
+    first: dict[Path, tuple[str, ImageRecord]] = {}
+    conflicts: list[str] = []
+    once: dict[str, list[ImageRecord]] = {}
+    for split, records in splits.items():
+        once[split] = []
+        for record in records:
+            real = record.path.resolve()
+            if real not in first:
+                first[real] = (split, record)
+                once[split].append(record)
+                continue
+            other_split, other = first[real]
+            if (other_split, other.label) != (split, record.label):
+                conflicts.append(
+                    f"{relative_posix(other.path, root)} ({other_split}, class {names[other.label]}) is also "
+                    f"{relative_posix(record.path, root)} ({split}, class {names[record.label]})"
+                    + (f", both {real}" if real not in (other.path, record.path) else "")
+                )
+    if conflicts:
+        raise UsageError(
+            f"{root}: {len(conflicts)} image file{'s are' if len(conflicts) > 1 else ' is'} in two classes "
+            f"or two splits (links, or CSV rows, that lead to one file): {'; '.join(conflicts[:5])}"
+            f"{'; ...' if len(conflicts) > 5 else ''}. A file must be in one class of one split, or it is "
+            "learnt under two labels, or tested on after training on it: remove the link or row that puts "
+            "it in the second place."
+        )
+    return once
+
+
 def scan_image_folders(root: str | Path, class_names: Sequence[str] | None = None) -> ImageFolderScan:
     """List a class-folder (or CSV) tree: class names from ``train``, every split's image files, and the files
     that are not images. Nothing is decoded here (:meth:`ImageFolderScan.drop_undecodable` does that).
@@ -191,7 +228,7 @@ def scan_image_folders(root: str | Path, class_names: Sequence[str] | None = Non
             )
         splits[split], not_images = _folder_split(root / split, folders, index)
         skipped += not_images
-    scan = ImageFolderScan(root, names, splits, sources, skipped)
+    scan = ImageFolderScan(root, names, _each_file_once(splits, names, root), sources, skipped)
     empty = [name for name, count in zip(names, scan.images_per_class("train"), strict=True) if count == 0]
     if empty:
         raise UsageError(
@@ -265,6 +302,40 @@ def read_split_file(path: Path, scan: ImageFolderScan) -> dict[str, list[ImageRe
         )
         roles["train"] = sorted([*roles["train"], *by_file.values()], key=lambda r: r.path)
     return roles
+
+
+def split_settings_file(split_file: Path) -> Path:
+    return split_file.with_name(SPLIT_SETTINGS_FILE)
+
+
+def check_split_settings(split_file: Path, wanted: Mapping[str, Any]) -> None:
+    """Refuse to reuse ``split_file`` when it was drawn with other fractions or another seed than
+    ``wanted``; one written before the settings were recorded is reused with a warning."""
+    settings_file = split_settings_file(split_file)
+    if not settings_file.is_file():
+        log.warning(
+            "Reusing the split in %s; the fractions and seed it was drawn with were not recorded (an older "
+            "version wrote it). Delete it to draw a new one with data.val_fraction, data.test_fraction "
+            "and data.split_seed.",
+            split_file,
+        )
+        return
+    recorded = json.loads(settings_file.read_text())
+    if recorded == dict(wanted):
+        log.info("Reusing the split in %s (drawn with the same fractions and seed).", split_file)
+        return
+
+    def settings(values: Mapping[str, Any]) -> str:
+        fractions = ", ".join(f"data.{role}_fraction {f}" for role, f in values["fractions"].items())
+        return f"{fractions or 'no fraction'}, data.split_seed {values['split_seed']}"
+
+    raise UsageError(
+        f"{split_file} was drawn with {settings(recorded)}; this run asks for {settings(wanted)}. Reusing it "
+        "would not follow the new settings, drawing anew would train on images the old split held out. Pass "
+        f"the old values to keep that split, or move {split_file} and {settings_file.name} (and the run's "
+        "checkpoints, trained on that split) away to draw a new one, or use another "
+        "--trainer.default_root_dir."
+    )
 
 
 class ImageFolderDataModule(SplitDataModule):
@@ -353,7 +424,11 @@ class ImageFolderDataModule(SplitDataModule):
         Trainer's model's; outside a Trainer, timm's defaults."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         backbone = getattr(module, "model", None)
-        config = resolve_data_config({}, model=backbone if isinstance(backbone, nn.Module) else None)
+        # The input size given as an argument: timm asserts it has a model or arguments to resolve from.
+        config = resolve_data_config(
+            {"input_size": (3, self.image_size, self.image_size)},
+            model=backbone if isinstance(backbone, nn.Module) else None,
+        )
         return {
             "input_size": (3, self.image_size, self.image_size),
             "interpolation": config["interpolation"],
@@ -375,14 +450,16 @@ class ImageFolderDataModule(SplitDataModule):
         run_folder = self._run_folder()
         split_file = run_folder / SPLIT_FILE if run_folder is not None else None
         if self.fractions:
+            wanted = {"fractions": self.fractions, "split_seed": self.split_seed}
             if split_file is not None and split_file.is_file():
-                log.info("Reusing the split in %s (delete it to draw a new one).", split_file)
+                check_split_settings(split_file, wanted)
                 drawn = read_split_file(split_file, self.scan)
                 roles |= {role: drawn[role] for role in ("train", *self.fractions)}
             else:
                 roles |= stratified_split(self.scan.splits["train"], self.fractions, self.split_seed)
                 if split_file is not None and self.trainer.is_global_zero:
                     write_split_file(split_file, roles, self.scan)
+                    write_atomically(split_settings_file(split_file), json.dumps(wanted).encode())
         where = {role: "drawn from train" for role in self.fractions} | self.scan.sources
         counts = ", ".join(f"{role} {len(records)} ({where[role]})" for role, records in roles.items())
         log.info("Image folders %s: %d classes; %s.", self.scan.root, self.num_classes, counts)

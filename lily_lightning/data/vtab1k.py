@@ -14,7 +14,7 @@ from lily_lightning.data.records import ImageRecord, read_list_file, validate, w
 from lily_lightning.data.tasks import VTABTask, vtab_names_help, vtab_task
 from lily_lightning.data.transforms import DataConfig, vtab_data_config, vtab_transform
 from lily_lightning.errors import UsageError
-from lily_lightning.paths import resolve_path, shown_path
+from lily_lightning.paths import CACHE_ENV, default_cache_dir, resolve_path, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,19 @@ _CACHED_SPLITS = frozenset({"train800", "val200", "train800val200"})
 def locate_vtab_task(root: str | Path, name: str) -> tuple[VTABTask | None, Path]:
     """The task (None for a custom one) and its folder under ``root``; a UsageError says what is missing."""
     root = resolve_path(root)
-    if not root.is_dir():
-        raise UsageError(f"VTAB-1k root folder {shown_path(root)} does not exist.\n{VTAB_LAYOUT}")
     task = vtab_task(name)
     candidates = list(dict.fromkeys([name, *((task.name, *task.aliases) if task else ())]))
     for candidate in candidates:
         if (root / candidate).is_dir():
             return task, root / candidate
+    if root.is_relative_to(default_cache_dir()):  # `cache:` data is written by `prepare demo` alone
+        raise UsageError(
+            f"task {name!r} is not in {root}, lily_lightning's cache: the demo's data is written there by "
+            "`python -m lily_lightning prepare demo` (the digits and the backbone weights; the `demo` "
+            f"extra, no internet). Run it first, with the same {CACHE_ENV} if you set one."
+        )
+    if not root.is_dir():
+        raise UsageError(f"VTAB-1k root folder {shown_path(root)} does not exist.\n{VTAB_LAYOUT}")
     contents = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())[:20]) or "no folders"
     if task is not None:
         raise UsageError(
@@ -151,12 +157,11 @@ class VTAB1kDataModule(SplitDataModule):
             return known.num_classes
         if given is not None:
             return given
-        # A custom task: the list files are cheap to read, the images are not touched here. A tuning run
-        # (train800_val200) never reads the test list, and must not need it: hyper-parameter selection can
-        # run with the test list withheld. Other modes validate on test, so its absence fails there anyway.
-        splits = required_splits(self.split_mode)
-        if self.split_mode == "train800_val200" and not (self.task_dir / "test.txt").is_file():
-            splits = tuple(split for split in splits if split != "test")
+        # A custom task: the list files are cheap to read, the images are not touched here. The count comes
+        # from the splits fit reads (train and val): a tuning run (train800_val200) never reads the test
+        # list, so hyper-parameter selection neither looks at test labels nor needs the list.
+        roles = _ROLE_SPLITS[self.split_mode]
+        splits = tuple(dict.fromkeys(roles["train"] + roles["val"]))
         labels = sorted({r.label for r in self._records(splits)})
         inferred = labels[-1] + 1
         files = ", ".join(f"{s}.txt" for s in splits)

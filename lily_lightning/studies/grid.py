@@ -17,13 +17,14 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lily_lightning.data.tasks import FGVCTask, benchmark_task
 from lily_lightning.errors import UsageError
 from lily_lightning.studies.runs import RunSpec, file_digest
+from lily_lightning.studies.settings import argument_key, read_config, resolved_settings
 from lily_lightning.training.results import UnreadableResult, read_validation
 
 SELECT_FOLDER = "select"
@@ -36,11 +37,8 @@ FGVC_SPLITS = ("train_val", "trainval")
 METHOD_SECTIONS = {"lily": "model.lily.", "lora": "model.lora."}
 
 
-def argument_key(argument: str) -> str | None:
-    """``--data.init_args.name=x`` -> ``data.name``: the setting a command-line flag sets, else None."""
-    if not argument.startswith("--"):
-        return None
-    return argument[2:].split("=", 1)[0].replace(".init_args.", ".")
+def config_arguments(configs: Sequence[Path]) -> list[str]:
+    return [arg for config in configs for arg in ("--config", str(config))]
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,8 @@ class GridAxis:
 
 
 def parse_grid(items: Sequence[str]) -> list[GridAxis]:
-    """``["model.lr=1e-3,5e-4", "model.lily.scale=0.1,1,10"]`` -> one axis per key, values in order."""
+    """``["model.lr=1e-3,5e-4", "model.lily.scale=0.1,1,10"]`` -> one axis per key, values in order (as
+    text: ``studies.grid_values`` reads them with their key's type)."""
     axes: list[GridAxis] = []
     for item in items:
         key, _, values = item.partition("=")
@@ -60,8 +59,6 @@ def parse_grid(items: Sequence[str]) -> list[GridAxis]:
             raise UsageError(f"--grid {item!r}: write KEY=VALUE,VALUE,... (e.g. model.lr=1e-3,5e-4)")
         if key.replace(".init_args.", ".") in {axis.key.replace(".init_args.", ".") for axis in axes}:
             raise UsageError(f"--grid names {key} twice; give all of its values in one KEY=V1,V2,...")
-        if len(set(split)) != len(split):
-            raise UsageError(f"--grid {item!r} repeats a value")
         axes.append(GridAxis(key, split))
     return axes
 
@@ -101,6 +98,12 @@ class Study:
     seeds: list[int] | None
     axes: list[GridAxis]
     select_on: str | None
+    _configs: dict[str, Any] = field(default_factory=dict, repr=False)  # each config file read once
+
+    def _read_config(self, path: str) -> Any:
+        if path not in self._configs:
+            self._configs[path] = read_config(path)
+        return self._configs[path]
 
     def per_run_keys(self) -> dict[str, str]:
         """The keys the sweep sets for each run, which neither `--` nor --grid may set, and why."""
@@ -146,7 +149,7 @@ class Study:
         selection: Mapping[str, Any] | None = None,
     ) -> RunSpec:
         configs = self.layered(task, method)
-        args = [arg for config in configs for arg in ("--config", str(config))]
+        args = config_arguments(configs)
         args += self.extra
         args += [arg for key, value in point.items() for arg in (f"--{key}", value)]
         args += ["--data.name", task, "--model.method", method]
@@ -161,6 +164,7 @@ class Study:
             run_dir=run_dir,
             args=tuple(args),
             configs={str(config): file_digest(config) for config in configs},
+            resolved=resolved_settings(args, self._read_config),
             evaluate="validate" if split_mode is not None and selection is None else "test",
             seed=seed,
             point=dict(point),

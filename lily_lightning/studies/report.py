@@ -31,6 +31,8 @@ from ..errors import UsageError
 from ..training.results import RunResult, collect_results
 from .grid import STUDY_FILE
 from .plots import results_bar_chart, routing_heatmap, routing_weights_from_checkpoint
+from .runs import recorded_settings
+from .settings import SEED_KEYS, comparable, differing_keys, value_text
 
 MISSING = "-"
 DUPLICATE = "dup"
@@ -156,19 +158,83 @@ def protocol_text(record: Mapping[str, Any]) -> str:
     return ", ".join(str(part) for part in parts if part)
 
 
-def table_rows(results: Sequence[RunResult], runs_dir: Path, warn: Callable[[str], None]) -> list[Row]:
-    """Rows in order of first appearance: one per (folder label, method, backbone, protocol). Partial tests
-    and duplicates (two runs of a row's task with the same seed) are named through ``warn`` and left out."""
-    rows: dict[tuple[str, str, str, str], Row] = {}
-    claimed: dict[tuple[tuple[str, str, str, str], str, Seed], RunResult] = {}
+RowKey = tuple[str, str, str, str]  # (folder label, method, backbone, protocol)
+
+
+def row_key(result: RunResult, runs_dir: Path) -> RowKey:
+    record = result.record
+    label = run_label(result, runs_dir)[0]
+    return label, str(record.get("method", "?")), str(record.get("backbone", "?")), protocol_text(record)
+
+
+def settings_apart(
+    results: Sequence[RunResult], runs_dir: Path, apart: Callable[[str], None]
+) -> dict[Path, str]:
+    """What sets apart a run trained with other settings than the other seeds of its cell (row and task), by
+    result path: ``trainer.max_epochs=4``; the cell's largest group of same settings (the first, on a tie)
+    keeps the row. Settings are those its ``sweep_run.json`` records (``studies.settings``), seeds left out; a
+    run without one (trained by `fit`, not `sweep`) is not compared. Each split cell is said through
+    ``apart``."""
+    cells: dict[tuple[RowKey, str], list[tuple[RunResult, dict[str, Any]]]] = {}
+    for result in results:
+        if record := recorded_settings(result.run_dir):
+            cell = (row_key(result, runs_dir), canonical_task(result.task))
+            cells.setdefault(cell, []).append((result, record))
+    variants: dict[Path, str] = {}
+    for (key, task), runs in cells.items():
+        groups: list[tuple[dict[str, Any], list[RunResult]]] = []
+        for (result, _), settings in zip(runs, comparable([record for _, record in runs]), strict=True):
+            group = next((g for g in groups if not differing_keys([g[0], settings], SEED_KEYS)), None)
+            if group is None:
+                groups.append((settings, [result]))
+            else:
+                group[1].append(result)
+        if len(groups) < 2:
+            continue
+        keys = differing_keys([settings for settings, _ in groups], SEED_KEYS)
+        kept = max(groups, key=lambda group: len(group[1]))
+        texts = []
+        for settings, members in groups:
+            text = ", ".join(f"{name}={value_text(settings.get(name))}" for name in keys)
+            folders = ", ".join(r.run_dir.relative_to(runs_dir).as_posix() for r in members)
+            row = key[0] if members is kept[1] else f"{key[0]} [{text}]"
+            texts.append(f"{text} ({folders}): row {row}")
+            if members is not kept[1]:
+                variants.update({r.path: text for r in members})
+        apart(
+            f"shown apart: {task} / {key[0]} has runs trained with other settings (they differ in "
+            f"{', '.join(keys)}), never averaged together: {'; '.join(texts)}"
+        )
+    return variants
+
+
+def table_rows(
+    results: Sequence[RunResult],
+    runs_dir: Path,
+    warn: Callable[[str], None],
+    apart: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Rows in order of first appearance: one per (folder label, method, backbone, protocol), and one more
+    for the runs of a task trained with other settings than its other seeds (:func:`settings_apart`, said
+    through ``apart``, else ``warn``). Partial tests and duplicates (two runs of a row's task with the same
+    seed) are named through ``warn`` and left out."""
+    complete = []
     for result in results:
         if result.partial:
             images = result.record.get("images", "?")
             warn(f"left out: {result.path} is a partial test ({images} images): test on the whole split")
-            continue
-        label, seed = run_label(result, runs_dir)
+        else:
+            complete.append(result)
+    variants = settings_apart(complete, runs_dir, apart or warn)
+    rows: dict[RowKey, Row] = {}
+    claimed: dict[tuple[RowKey, str, Seed], RunResult] = {}
+    for result in complete:
+        label, method, backbone, protocol = row_key(result, runs_dir)
+        seed = run_label(result, runs_dir)[1]
+        if variant := variants.get(result.path):
+            label = f"{label} [{variant}]"
         record = result.record
-        key = (label, str(record.get("method", "?")), str(record.get("backbone", "?")), protocol_text(record))
+        key = (label, method, backbone, protocol)
         row = rows.setdefault(key, Row(*key))
         task = canonical_task(result.task)
         if (first := claimed.get((key, task, seed))) is not None:
@@ -402,15 +468,20 @@ def write_report(
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; the report writes several files: give a folder")
     left_out: list[str] = []
+    apart: list[str] = []
 
     def note(line: str) -> None:
         left_out.append(line)
         warn(line)
 
+    def keep_apart(line: str) -> None:
+        apart.append(line)
+        warn(line)
+
     results = collect_results(runs_dir, note)
     if not results:
         raise UsageError(f"no finished run under {runs_dir}: `test` writes <run>/result.json (see `sweep`)")
-    runs = table_rows(results, runs_dir, note)
+    runs = table_rows(results, runs_dir, note, keep_apart)
     rows = [*runs, *paired_differences(runs)]
     sections = tables(rows)
     seeds = expected_seeds(runs_dir, runs)
@@ -425,6 +496,8 @@ def write_report(
         "Params: trainable parameters in millions without the classifier head. "
         f"`{MISSING}`: no finished run (a mean needs all of its tasks); `{DUPLICATE}`: only duplicate runs. "
         "A row is one run-folder name with one backbone and protocol (report, split mode, input size); "
+        "runs of a task trained with other settings than its other seeds get a row of their own, labelled "
+        "with the settings that differ (`lily [trainer.max_epochs=4]`); "
         "with several seeds a cell is the mean ± sample std over seeds (n: how many), a mean column is "
         f"taken per seed first; `{FEWER.strip()}`: fewer seeds than the study asked for ({seeds}). "
         "A `lily - lora` row is the paired difference (same task, same seed) in points, with its spread.",
@@ -451,6 +524,9 @@ def write_report(
         lines.append(f"- {draw_routing(result, runs_dir, out, routing_batches)}")
     if not lily_runs:
         lines.append("No Lily run.")
+    if apart:
+        lines += ["", "## Runs with other settings, in rows of their own", ""]
+        lines += [f"- {line}" for line in apart]
     if left_out:
         lines += ["", "## Not in the tables", "", *(f"- {line}" for line in left_out)]
     path = out / "results.md"

@@ -1,17 +1,17 @@
 """One run of a sweep, in its folder: what it is (:class:`RunSpec`), where it stands, and how it is run.
 
 A run is `fit` then `test` (or `validate`, for a hyper-parameter selection run) through the CLI's ``main``, in
-one child process whose output goes to ``sweep_run.log`` in the run folder. Its exact arguments and its
-config files' digests are saved beside it in ``sweep_run.json``. :func:`execute` runs it under the run
-folder's lock (``training.run_lock``): a run held by another writer is left alone, a finished one is
-skipped, an interrupted one resumes from ``checkpoints/last.ckpt``, and a run recorded with other settings
-is not touched unless ``rerun`` says to start it again. The launchers (``studies.launchers``,
+one child process whose output goes to ``sweep_run.log`` in the run folder. Its resolved settings
+(``studies.settings``), exact arguments and config files' digests are saved beside it in
+``sweep_run.json``. :func:`execute` runs it under the run folder's lock (``training.run_lock``): a run held
+by another writer is left alone, a finished one is skipped, an interrupted one resumes from
+``checkpoints/last.ckpt``, and a run recorded with other settings is not touched unless ``rerun`` says to
+start it again. The launchers (``studies.launchers``,
 ``studies.slurm``) call it wherever the run executes.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import multiprocessing
@@ -20,7 +20,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from lily_lightning.console import exit_code, show_package_logs
 from lily_lightning.files import write_atomically
+from lily_lightning.studies.settings import comparable, setting_changes
 from lily_lightning.training.lightning_cli import run_command
 from lily_lightning.training.results import (
     RESULT_FILE,
@@ -42,6 +43,9 @@ from lily_lightning.training.run_lock import HEARTBEAT_S, RunLock, RunLocked
 RUN_SETTINGS = "sweep_run.json"
 RUN_LOG = "sweep_run.log"
 LAST = Path("checkpoints") / "last.ckpt"
+WHOLE_VALIDATION = ("--trainer.limit_val_batches", "1.0")
+INTERRUPTED = 130  # a run's exit code after Ctrl-C, as the CLI's
+RESUME = "rerun the same sweep command to resume it (from its checkpoints/last.ckpt)"
 Say = Callable[[str], None]
 Status = Literal["done", "skipped", "failed", "differs", "busy", "queued", "submitted"]
 
@@ -64,6 +68,7 @@ class RunSpec:
     run_dir: Path
     args: tuple[str, ...]
     configs: Mapping[str, str]
+    resolved: Mapping[str, Any] = field(default_factory=dict, hash=False)  # studies.settings of ``args``
     evaluate: Literal["test", "validate"] = "test"
     seed: int | None = None
     point: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -78,14 +83,18 @@ class RunSpec:
         return f"{self.task} {self.method}{seed}{variant}{select}"
 
     def settings(self) -> dict[str, Any]:
-        """What a rerun must match to count as the same run."""
-        return {"args": list(self.args), "configs": dict(self.configs)}
+        """What ``sweep_run.json`` records: the resolved settings (what a rerun must match to count as the
+        same run), and the arguments and config digests as given."""
+        return {"settings": dict(self.resolved), "args": list(self.args), "configs": dict(self.configs)}
 
     def steps(self, resume: bool) -> list[list[str]]:
         last = str(self.run_dir / LAST)
+        # A selection is scored on the whole validation split, whatever limit_val_batches says for the
+        # evaluations during fit (demo.yaml's 0 turns those off): a partial score could not be compared.
+        whole = list(WHOLE_VALIDATION) if self.evaluate == "validate" else []
         return [
             ["fit", *self.args, *(["--ckpt_path", last] if resume else [])],
-            [self.evaluate, *self.args, "--ckpt_path", last],
+            [self.evaluate, *self.args, *whole, "--ckpt_path", last],
         ]
 
 
@@ -95,33 +104,6 @@ class Outcome:
     status: Status
     message: str
     score: float | None = None  # test top-1, or validation top-1 for a selection run
-
-
-def argument_units(args: Sequence[str]) -> list[str]:
-    """``["--a", "1", "--b=2"]`` -> ``["--a 1", "--b=2"]``: each flag with its value, to say what changed."""
-    units: list[str] = []
-    for arg in args:
-        if units and units[-1].startswith("--") and " " not in units[-1] and not arg.startswith("--"):
-            units[-1] += f" {arg}"
-        else:
-            units.append(arg)
-    return units
-
-
-def settings_change(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    """What differs between two runs' recorded settings, in words."""
-    changes = []
-    if before.get("args") != now["args"]:
-        old_units, new_units = argument_units(before.get("args") or []), argument_units(now["args"])
-        matcher = difflib.SequenceMatcher(a=old_units, b=new_units, autojunk=False)
-        for op, a0, a1, b0, b1 in matcher.get_opcodes():
-            if op != "equal":
-                old, new = " ".join(old_units[a0:a1]) or "nothing", " ".join(new_units[b0:b1]) or "nothing"
-                changes.append(f"arguments: {old} -> {new}")
-    for config, digest in now["configs"].items():
-        if before.get("configs", {}).get(config, digest) != digest:
-            changes.append(f"{config} changed since")
-    return "; ".join(changes) or "recorded settings differ"
 
 
 def recorded_settings(run_dir: Path) -> dict[str, Any] | None:
@@ -138,15 +120,16 @@ def recorded_settings(run_dir: Path) -> dict[str, Any] | None:
 
 def other_settings(spec: RunSpec) -> str | None:
     """What differs when the run folder holds a trained run (a result or a checkpoint) with other settings
-    than ``spec``'s, else None. A run from before settings were recorded counts as the same."""
+    than ``spec``'s, else None. Settings are compared by what they mean (``studies.settings``), not by how the
+    command spelt them or where the files are. A run from before settings were recorded counts as the same."""
     trained = any((spec.run_dir / name).is_file() for name in (RESULT_FILE, VALIDATION_FILE, LAST))
     recorded = recorded_settings(spec.run_dir)
     if not trained or recorded is None:
         return None
-    now = spec.settings()
-    if (recorded.get("args"), recorded.get("configs")) == (now["args"], now["configs"]):
-        return None
-    return settings_change(recorded, now)
+    if not recorded:
+        return f"its {RUN_SETTINGS} cannot be read"
+    before, now = comparable([recorded, spec.settings()])
+    return "; ".join(setting_changes(before, now)) or None
 
 
 def differs_message(change: str) -> str:
@@ -206,12 +189,27 @@ def _child_main(steps: list[list[str]], log: str, env: dict[str, str]) -> None:
         import torch
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    # Ctrl-C reaches the runs too; Lightning ends an interrupted fit with exit code 1, so the interrupt is
+    # noted here and the run ends with INTERRUPTED: the sweep then says how to resume a sweep's run.
+    interrupts: list[int] = []
+
+    def interrupt(number: int, frame: Any) -> None:
+        interrupts.append(number)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the sweep ignores Ctrl-C
+        signal.signal(signal.SIGINT, interrupt)
     # Each step is one `python -m lily_lightning STEP` (fit, validate or test), run in this process.
     show_package_logs()
-    for step in steps:
-        code = exit_code(lambda step=step: run_command(step))
-        if code:
-            sys.exit(code)
+    try:
+        for step in steps:
+            code = exit_code(lambda step=step: run_command(step))
+            if code:
+                sys.exit(code)
+    except SystemExit:
+        if interrupts:
+            sys.exit(INTERRUPTED)
+        raise
 
 
 class ChildRunner:
@@ -222,8 +220,9 @@ class ChildRunner:
         self.process: Any = None
 
     def run(self, steps: list[list[str]], log: Path, env: dict[str, str], lock: RunLock) -> int:
-        self.process = self.context.Process(target=_child_main, args=(steps, str(log), env), daemon=False)
-        self.process.start()
+        process = self.context.Process(target=_child_main, args=(steps, str(log), env), daemon=False)
+        process.start()
+        self.process = process  # only once started: Ctrl-C during a start leaves nothing to stop
         while self.process.exitcode is None:
             self.process.join(timeout=HEARTBEAT_S)
             lock.refresh()
@@ -285,6 +284,9 @@ def _execute_locked(
     with log.open("a") as out:
         out.write("".join(f"python -m lily_lightning {' '.join(step)}\n" for step in steps))
     code = runner.run(steps, log, env, lock)
+    if code in (INTERRUPTED, -signal.SIGINT):
+        say(f"{spec.name}: interrupted: {RESUME}")
+        return Outcome(spec.name, "failed", f"interrupted: {RESUME}")
     score = finished_score(spec, say) if code == 0 else None
     if score is None:
         reason = error_line(log) if code != 0 else f"{spec.evaluate} wrote no complete result"

@@ -10,11 +10,13 @@ Each run is `fit` then `test` in its own folder (``studies.grid`` lays them out:
 crash or memory cannot take the sweep down), with the configs layered as the README describes: the
 ``--config`` files, ``lora_vtab.yaml`` next to the first one for LoRA, then ``vtab/<task>.yaml`` or
 ``fgvc/<task>.yaml`` next to it when there is one, then the arguments after ``--``, the grid point, then the
-keys the sweep sets per run (which ``--`` and ``--grid`` may not set). Each run's exact arguments are saved
-beside it (``sweep_run.json``). A run with a complete ``result.json`` is finished and skipped; a run with
-``checkpoints/last.ckpt`` and no complete result resumes from it; a run recorded with other settings is not
-touched unless ``--rerun`` says to start it again; a run held by another writer (its lock) is left to it. A
-run that cannot start (its data folder is missing, say) is listed at the end and the sweep goes on.
+keys the sweep sets per run (which ``--`` and ``--grid`` may not set). Each run's resolved settings
+(``studies.settings``) and exact arguments are saved beside it (``sweep_run.json``). A run with a complete
+``result.json`` is finished and skipped; a run with ``checkpoints/last.ckpt`` and no complete result resumes
+from it (rerunning the same command resumes an interrupted sweep); a run recorded with other settings (by
+what they mean, not how they are spelt) is not touched unless ``--rerun`` says to start it again; a run held
+by another writer (its lock) is left to it. A run that cannot start (its data folder is missing, say) is
+listed at the end and the sweep goes on.
 
 With ``--select-on val`` every grid point is trained on the tuning split and scored on validation; the
 best point per (task, method) is then trained on the full split for each seed and tested once.
@@ -32,15 +34,18 @@ from typing import Any
 
 from ..data.tasks import FGVC_TASKS, VTAB_TASKS, FGVCTask, VTABTask, benchmark_task, canonical_task
 from ..errors import UsageError
-from .grid import Study, choose, parse_grid
+from .grid import Study, choose, config_arguments, parse_grid
+from .grid_values import typed_axes
 from .launchers import LocalLauncher
 from .runs import Outcome, RunSpec, Say, differs_message, finished_score, other_settings
+from .settings import resolved_settings
 from .slurm import SlurmLauncher, SlurmOptions, active_job, parse_extra
 
 BENCHMARKS = {"vtab": tuple(VTAB_TASKS), "fgvc": tuple(FGVC_TASKS)}
 LORA_CONFIG = "lora_vtab.yaml"
 LOG_FILE = "sweep.log"
-UNFINISHED = ("failed", "differs")  # outcomes that make the exit code 1
+UNFINISHED = ("failed", "differs")
+LIMIT_VAL = "trainer.limit_val_batches"  # outcomes that make the exit code 1
 
 
 def expand_tasks(names: Sequence[str]) -> list[str]:
@@ -245,19 +250,38 @@ def main(argv: Sequence[str]) -> int:
     missing = [str(c) for c in args.config if not c.is_file()]
     if missing:
         raise UsageError(f"config file not found: {', '.join(missing)}")
+    tasks = expand_tasks(args.tasks)
+    # The first run's settings: where the grid keys' types are found (a data module's class_path).
+    first_configs = run_configs(args.config, tasks[0], args.methods[0])
+    first = resolved_settings([*config_arguments(first_configs), *extra])
+    axes, notes = typed_axes(parse_grid(args.grid), first)
     study = Study(
         runs_dir=args.runs_dir,
         layered=lambda task, method: run_configs(args.config, task, method),
         extra=extra,
-        tasks=expand_tasks(args.tasks),
+        tasks=tasks,
         methods=args.methods,
         seeds=args.seeds,
-        axes=parse_grid(args.grid),
+        axes=axes,
         select_on=args.select_on,
     )
     study.check()
+    if args.select_on is not None and first.get(LIMIT_VAL, 1.0) != 1.0:
+        notes.append(
+            f"sweep: {LIMIT_VAL} is {first[LIMIT_VAL]} in these settings: it holds for the evaluations "
+            "during fit; each selection run's `validate` scores the whole validation split"
+        )
     sweep: Sweep | None = None
     launcher = make_launcher(args, lambda line: sweep.say(line) if sweep else print(line))
     sweep = Sweep(study, launcher, args.rerun)
-    outcomes = sweep.run()
+    for note in notes:
+        sweep.say(note)
+    try:
+        outcomes = sweep.run()
+    except KeyboardInterrupt:
+        sweep.say(
+            "sweep: interrupted (Ctrl-C): rerun the same sweep command to go on: finished runs are skipped, "
+            "interrupted ones resume from their checkpoints/last.ckpt"
+        )
+        raise
     return 0 if all(o.status not in UNFINISHED for o in outcomes) else 1

@@ -20,6 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ..adapters import METHOD_SETTINGS
 from ..errors import UsageError
 from ..files import write_atomically
 from ..paths import resolve_path, shown_path
@@ -31,7 +32,8 @@ CHECKPOINTS = "checkpoints"  # <run folder>/checkpoints/last.ckpt
 EVALUATING = ("validate", "test", "predict")
 # Settings that fix the shapes of the trainable tensors: a checkpoint only fits a model built with the same.
 _SHAPE_SETTINGS = ("backbone", "method", "num_classes", "img_size")
-_ADAPTER_SETTINGS = {"lily": "lily", "lora": "lora"}  # method -> the config whose fields shape its adapters
+# method -> the config whose fields shape its adapters
+_ADAPTER_SETTINGS = {method: setting for method, setting in METHOD_SETTINGS.items() if setting}
 # How a trained model is loaded and evaluated, not what it learnt (the frozen backbone is not in a
 # checkpoint): the command's values win over a checkpoint's (cli.LilyCLI._parse_ckpt_path) and may change
 # on resume.
@@ -257,7 +259,7 @@ def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping
     """
     method = str(current.get("method", saved.get("method")))
     # The other method's config is unused; class names come from the data and check_fits compares them.
-    skipped = {config for name, config in _ADAPTER_SETTINGS.items() if name != method} | {"class_names"}
+    skipped = set(_ADAPTER_SETTINGS.values()) - {_ADAPTER_SETTINGS.get(method)} | {"class_names"}
     differences = _differences(saved, current, [key for key in current if key not in skipped])
     if differences:
         raise UsageError(

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning.pytorch.cli import LightningArgumentParser
 
 from ..errors import UsageError
-from ..files import check_writable_folder
+from ..files import check_out_file
 from ..paths import shown_path
 from ..vit.export import export_vit
 from .checkpointing import load_trained
 from .inference import inference_config
-from .lightning_cli import LilyCLI, run_lightning
+from .lightning_cli import LilyCLI, check_config_files, run_lightning
 from .module import ViTClassifier
 
+SUFFIX = ".safetensors"
 USAGE = (
     "usage: python -m lily_lightning export --config CONFIG.yaml --ckpt_path RUN.ckpt --out FILE [--force]"
 )
@@ -29,19 +30,23 @@ USAGE = (
 
 def check_out(out: Path, checkpoint: Path, force: bool) -> None:
     """Refuse, before any work, an ``--out`` that would lose work (the checkpoint itself; without ``force``,
-    any existing file) or cannot be written."""
-    if out.is_dir():
-        raise UsageError(
-            f"--out {shown_path(out)} is a folder; name the file to write: --out {out / 'model.safetensors'}"
-        )
-    if out.exists() and out.samefile(checkpoint):
+    any existing file), cannot be written, or would not load as what it is.
+
+    A name without ``.safetensors`` is refused rather than given the suffix: timm's ``load_checkpoint``
+    reads any other name as a pickle, so the printed load line would fail on it, and a file written under
+    another name than the one asked for would be missed by whatever looks for that name.
+    """
+    if out.exists() and not out.is_dir() and out.samefile(checkpoint):
         raise UsageError(
             f"--out {out} is the checkpoint being exported (--ckpt_path): writing there would replace it, "
             f"--force or not. Choose another --out, e.g. {out.with_name('model.safetensors')}"
         )
-    if out.exists() and not force:
-        raise UsageError(f"--out {out} exists: add --force to replace it, or choose another --out")
-    check_writable_folder(out.parent, "Choose another --out.")
+    check_out_file(out, force, out / "model.safetensors")
+    if out.suffix != SUFFIX:
+        raise UsageError(
+            f"--out {shown_path(out)} does not end in {SUFFIX}: timm loads a file as safetensors only by "
+            f"that suffix (any other name it unpickles, which fails for this file). Use --out {out}{SUFFIX}"
+        )
 
 
 def export_model(classifier: ViTClassifier, out: Path) -> dict[str, str]:
@@ -69,11 +74,14 @@ class ExportCLI(LilyCLI):
     """The ``test`` command's model building, then :func:`export_model` instead of testing."""
 
     writes_run_folder = False  # it writes --out alone
+    out_file: ClassVar[dict[str, tuple[str, bool]]] = {"test": ("the .safetensors file to write", True)}
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.add_argument("--out", type=str, required=True, help="the .safetensors file to write")
-        parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        # `export` runs as LightningCLI's `test`: its --help must name `export`, not `test`.
+        super()._add_subcommands(parser, **kwargs)
+        test_parser = parser._subcommands_action._name_parser_map["test"]
+        test_parser.prog = USAGE.removeprefix("usage: ").split(" --")[0]
+        test_parser.description = __doc__.split("\n\n")[0].strip("`").replace("``", "")
 
     def test(self, model: ViTClassifier, ckpt_path: str | None = None, **_: Any) -> None:
         # LightningCLI calls a method named after the subcommand instead of the Trainer's.
@@ -88,5 +96,6 @@ class ExportCLI(LilyCLI):
 
 
 def main(args: list[str]) -> int:
+    check_config_files(args)
     run_lightning(["test", *args], ExportCLI)
     return 0

@@ -6,11 +6,15 @@ progress lines (``train.log``) off a terminal, and ``checkpoints/last.ckpt`` rew
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import operator
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from lightning.fabric.plugins import CheckpointIO
@@ -38,7 +42,8 @@ from .checkpointing import (
     resolve_checkpoint,
 )
 from .module import ViTClassifier
-from .predictions import PredictionCSVWriter
+from .predictions import PredictionCSVWriter, predictions_file
+from .previous import set_aside_earlier_outputs
 from .progress import PlainProgress
 from .run_lock import RunLock, RunLockHeartbeat, hold_for_fit
 
@@ -54,6 +59,7 @@ class LilyCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._own_run_lock: RunLock | None = None
+        self._checkpoint_class_names: list[str] | None = None  # see _parse_ckpt_path
         try:
             super().__init__(*args, **kwargs)
         finally:
@@ -62,6 +68,14 @@ class LilyCLI(LightningCLI):
 
     # Whether the subcommand writes into the run folder (logs, checkpoints, results), which is checked first.
     writes_run_folder = True
+    # The subcommands that write one file the user may name (--out, refused when it exists unless --force):
+    # subcommand -> (help, required).
+    out_file: ClassVar[dict[str, tuple[str, bool]]] = {
+        "predict": (
+            "the CSV file to write (default: a new predictions.csv, predictions-2.csv ... in the run folder)",
+            False,
+        )
+    }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -74,6 +88,17 @@ class LilyCLI(LightningCLI):
         # Under DDP the data modules share out each global batch themselves (data.sampling), without
         # Lightning's padding sampler, so N processes see the batches of one and evaluate each image once.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+        int_before_float(parser)
+
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in self.out_file:
+            what, required = self.out_file[subcommand]
+            parser.add_argument("--out", type=str | None, default=None, required=required, help=what)
+            parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
         # `main` passes the arguments it dispatched on (`export` rewrites them), so Lightning's warning about
@@ -104,11 +129,23 @@ class LilyCLI(LightningCLI):
         wanted = flat_settings(explicit.as_dict() if explicit is not None else {})
         for key in EVALUATION_SETTINGS & wanted.keys():
             self.config[f"{subcommand}.model.{key}"] = wanted[key]
+        if "class_names" not in wanted:
+            # The model is built with the data's class count: a checkpoint trained on other classes is
+            # refused by check_fits, which names it and them, rather than by the model's own argument check.
+            self._checkpoint_class_names = self.config[f"{subcommand}.model.class_names"]
+            self.config[f"{subcommand}.model.class_names"] = None
         if subcommand == "fit" and explicit is not None:
             check_resumable(ckpt_path, self.config[f"{subcommand}.model"].as_dict(), explicit.as_dict())
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        names = self._checkpoint_class_names
+        if names is not None and len(names) == self.model.hparams.num_classes:
+            self.model.hparams.class_names = list(names)  # as the checkpoint's file rebuild gave them
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
+        refuse_pure_fp16(config.get("precision"))
         task = getattr(self.datamodule, "task", None) or "task"
         method = getattr(self.model, "method", "model")
         run_dir = Path(config.get("default_root_dir") or Path("runs") / task / method)
@@ -130,7 +167,11 @@ class LilyCLI(LightningCLI):
         if wanted(ProgressBar, "enable_progress_bar"):
             callbacks.append(progress_callback(run_dir))
         if self.subcommand == "predict":
-            callbacks.append(PredictionCSVWriter(run_dir / "predictions.csv"))
+            out = self.config_init["predict"].get("out")
+            force = bool(self.config_init["predict"].get("force"))
+            callbacks.append(
+                PredictionCSVWriter(predictions_file(run_dir, resolve_path(out) if out else None, force))
+            )
         kwargs["callbacks"] = callbacks
         kwargs["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         self._resolve_checkpoint(run_dir / CHECKPOINTS)
@@ -141,6 +182,8 @@ class LilyCLI(LightningCLI):
             lock, owned = hold_for_fit(run_dir)
             self._own_run_lock = lock if owned else None
             kwargs["callbacks"].append(RunLockHeartbeat(lock))
+            if self.config_init["fit"]["ckpt_path"] is None:  # a new run, in the folder it now holds
+                set_aside_earlier_outputs(run_dir)
         return super().instantiate_trainer(**kwargs)
 
     def _resolve_checkpoint(self, checkpoint_dir: Path) -> None:
@@ -162,6 +205,35 @@ class LilyCLI(LightningCLI):
                 checkpoint_dir / LAST,
             )
         self.config_init[self.subcommand]["ckpt_path"] = None if path is None else str(path)
+
+
+def int_before_float(parser: LightningArgumentParser) -> None:
+    """Parse ``--trainer.limit_test_batches 1`` (and every other int-or-float option) as the int 1: one batch.
+
+    Lightning annotates these ``Union[int, float]``: an int counts batches, a float is a fraction. typing
+    caches unions by unordered equality, so when another library built ``Union[float, int]`` first,
+    Lightning's annotation is that one and jsonargparse, trying float first, reads ``1`` as 1.0: everything.
+    """
+    for action in parser._actions:
+        hint = getattr(action, "_typehint", None)
+        if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+            continue
+        members = typing.get_args(hint)
+        if int in members and float in members and members.index(float) < members.index(int):
+            ordered = sorted(members, key=lambda member: member is not int)  # int first, others in order
+            action._typehint = functools.reduce(operator.or_, ordered)  # `|` unions are not cached
+
+
+def refuse_pure_fp16(precision: Any) -> None:
+    """Pure float16 (weights and AdamW state in float16, no loss scaling) is refused: the tiny test run's
+    loss is NaN at its first step. bf16-true trains (its loss curve follows float32's), so it is allowed."""
+    if str(precision) == "16-true":
+        raise UsageError(
+            "--trainer.precision 16-true (pure float16: weights, gradients and optimiser state in float16, "
+            "no loss scaling) is not supported: float16's range overflows and the loss turns NaN within the "
+            "first steps. Use --trainer.precision 16-mixed (float16 matmuls, float32 weights, loss scaling) "
+            "or bf16-mixed (bf16-true also trains)."
+        )
 
 
 def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
@@ -187,6 +259,7 @@ def run_lightning(args: list[str] | None, cli: type[LilyCLI] = LilyCLI) -> LilyC
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"prog": "python -m lily_lightning"},  # what --help shows, not __main__.py
     )
 
 

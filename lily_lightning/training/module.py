@@ -1,10 +1,12 @@
-"""The LightningModule: a timm ViT backbone, Lily / LoRA / linear probe / full fine-tuning, a new head."""
+"""The LightningModule: a timm ViT backbone, Lily / LoRA / the visual-PEFT baselines / linear probe / full
+fine-tuning, a new head."""
 
 from __future__ import annotations
 
 import difflib
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +20,19 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from ..adapters import LilyConfig, LoRAConfig
+from ..adapters import (
+    METHOD_SETTINGS,
+    AdapterConfig,
+    AdaptFormerConfig,
+    BitFitConfig,
+    DoRAConfig,
+    FacTTTConfig,
+    LilyConfig,
+    LoRAConfig,
+    SequentialAdapterConfig,
+    SSFConfig,
+    VPTConfig,
+)
 from ..errors import UsageError
 from ..seeding import configured_seed, epoch_seed, run_seed
 from ..vit.inject import ADAPTERS_ATTR, inject
@@ -33,15 +47,30 @@ from .confusion import (
     per_class_table,
     write_confusion_csv,
 )
-from .results import VALIDATION_FILE, result_folder, write_result
+from .evaluation_record import eval_routing, evaluation_key, other_settings
+from .results import RESULT_FILE, VALIDATION_FILE, result_folder, write_evaluation, write_result
 from .schedule import warmup_cosine_lr
 
-Method = Literal["lily", "lora", "linear_probe", "full"]
+Method = Literal[
+    "lily",
+    "lora",
+    "linear_probe",
+    "full",
+    "bitfit",
+    "vpt_shallow",
+    "vpt_deep",
+    "adapter",
+    "adaptformer",
+    "ssf",
+    "fact_tt",
+    "dora",
+]
 Normalize = Literal["backbone", "imagenet", "none"]
 Report = Literal["final", "best_of_evals"]
 
-# Checkpoint key: the task and validation split(s) of the `fit` that wrote it, so `test` can decide whether
-# its validation accuracies are test accuracies (best_of_evals) and which run folder its result belongs to.
+# Checkpoint key: the task, validation and test split(s) and evaluation settings of the `fit` that wrote it,
+# so `test` can decide whether its validation accuracies are test accuracies (best_of_evals), which run folder
+# its result belongs to, and whether it is that run's result (training.evaluation_record).
 TRAINED_ON = "trained_on"
 
 log = logging.getLogger(__name__)
@@ -83,6 +112,21 @@ def create_backbone(
     return model
 
 
+def adapter_config(method: str, settings: dict[str, Any]) -> AdapterConfig | None:
+    """The config ``method`` injects (from its setting in ``settings``); None for linear_probe and full."""
+    if method not in METHOD_SETTINGS:
+        return None
+    setting = METHOD_SETTINGS[method]
+    if setting is None:
+        return BitFitConfig()
+    config = settings[setting]
+    if setting == "vpt":  # one `vpt` setting for both methods; the method says shallow or deep
+        if config.deep and method == "vpt_shallow":
+            raise UsageError("model.vpt.deep is true but model.method is vpt_shallow; use method vpt_deep")
+        config = replace(config, deep=method == "vpt_deep")
+    return config
+
+
 def _role_size(datamodule: Any, role: str, default: int) -> int:
     """Images in a role's splits when the data module can say (``SplitDataModule``); else ``default``."""
     dataset = getattr(datamodule, "dataset", None)
@@ -104,10 +148,13 @@ class ViTClassifier(L.LightningModule):
         weights: local ``.safetensors`` / ``.pth`` / ``.npz`` backbone weights (``cache:`` paths are
             resolved to the user cache, see ``prepare demo``); overrides ``pretrained``.
         pretrained: with no ``weights``, download timm's pretrained weights (needs internet).
-        method: ``lily`` / ``lora`` (adapters from ``lily`` / ``lora``), ``linear_probe`` (head only),
-            ``full`` (every parameter).
+        method: ``lily`` / ``lora`` (adapters from ``lily`` / ``lora``), the visual-PEFT baselines
+            ``bitfit``, ``vpt_shallow`` / ``vpt_deep`` (config ``vpt``), ``adapter``, ``adaptformer``,
+            ``ssf``, ``fact_tt``, ``dora`` (each from the setting of its name), ``linear_probe`` (head
+            only), ``full`` (every parameter).
         lily: Lily's config (used when ``method: lily``).
         lora: LoRA's config (used when ``method: lora``).
+        vpt, adapter, adaptformer, ssf, fact_tt, dora: the configs of those methods (``adapters/``).
         img_size: input resolution, if not the backbone's default (the position table is resampled).
         normalize: input normalisation: the backbone's pretrained mean/std, ImageNet's, or none (the
             official Lily ViT code feeds [0, 1] pixels). Data modules yield [0, 1] pixels.
@@ -137,6 +184,12 @@ class ViTClassifier(L.LightningModule):
         method: Method = "lily",
         lily: LilyConfig = LilyConfig(),  # noqa: B008 - configs are never mutated; a plain (non-Optional)
         lora: LoRAConfig = LoRAConfig(),  # noqa: B008   type lets the CLI report a bad value in one line
+        vpt: VPTConfig = VPTConfig(),  # noqa: B008
+        adapter: SequentialAdapterConfig = SequentialAdapterConfig(),  # noqa: B008
+        adaptformer: AdaptFormerConfig = AdaptFormerConfig(),  # noqa: B008
+        ssf: SSFConfig = SSFConfig(),  # noqa: B008
+        fact_tt: FacTTTConfig = FacTTTConfig(),  # noqa: B008
+        dora: DoRAConfig = DoRAConfig(),  # noqa: B008
         img_size: int | None = None,
         normalize: Normalize = "backbone",
         drop_path_rate: float = 0.1,
@@ -156,8 +209,17 @@ class ViTClassifier(L.LightningModule):
             raise UsageError(f"num_classes must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise UsageError(
-                f"model.class_names names {len(class_names)} classes, num_classes is {num_classes}"
+                f"model.class_names names {len(class_names)} classes, num_classes is {num_classes} (linked "
+                "from the data's classes): give as many names as the data has classes, or leave "
+                "model.class_names out (the data's names are taken)."
             )
+        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("warmup_lr", warmup_lr),
+                            ("min_lr", min_lr)):  # fmt: skip
+            if not value >= 0:  # NaN too; torch's AdamW would refuse it with a bare ValueError
+                raise UsageError(
+                    f"model.{name} must be >= 0, got {value}. Typical values: model.lr 1e-3, "
+                    "model.weight_decay 1e-4 (the paper's)."
+                )
         if not 1 <= predict_top_k <= num_classes:
             raise UsageError(
                 f"model.predict_top_k must be in 1..num_classes ({num_classes}), got {predict_top_k}"
@@ -168,9 +230,20 @@ class ViTClassifier(L.LightningModule):
         self.model = create_backbone(backbone, weights, pretrained, drop_path_rate, img_size)
         self.model.reset_classifier(num_classes)
         self.adapter_parameters = 0
-        if method in ("lily", "lora"):
+        settings = dict(
+            lily=lily,
+            lora=lora,
+            vpt=vpt,
+            adapter=adapter,
+            adaptformer=adaptformer,
+            ssf=ssf,
+            fact_tt=fact_tt,
+            dora=dora,
+        )
+        config = adapter_config(method, settings)
+        if config is not None:
             try:
-                inject(self.model, lily if method == "lily" else lora)
+                inject(self.model, config)
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.adapter_parameters = count_parameters(self.model)
@@ -198,8 +271,10 @@ class ViTClassifier(L.LightningModule):
         # The data module's eval preprocessing (a timm data config), saved with checkpoints for the loader.
         self.data_config: dict[str, Any] | None = None
         self.val_acc_best = MaxMetric()
-        # {"task": ..., "validation_splits": [...]} of the fit that trained this model (TRAINED_ON).
+        # {"task": ..., "validation_splits": [...], ...} of the fit that trained this model (TRAINED_ON).
         self.trained_on: dict[str, Any] | None = None
+        # Epoch and global step of the checkpoint this model was loaded from (None: trained in this process).
+        self.loaded_step: dict[str, Any] | None = None
         # Checkpoints hold only the trainable tensors; the frozen backbone comes from `weights`.
         self.strict_loading = False
 
@@ -286,7 +361,13 @@ class ViTClassifier(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
-        self.trained_on = {"task": self._task(), "validation_splits": self._role_splits("val")}
+        self.loaded_step = None  # from now on, the model in memory is the one this fit trains
+        self.trained_on = {
+            "task": self._task(),
+            "validation_splits": self._role_splits("val"),
+            "test_splits": self._role_splits("test"),
+            **self._evaluation_settings(),
+        }
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -308,15 +389,52 @@ class ViTClassifier(L.LightningModule):
             self._write_validation(float(self.val_acc.compute()), images)
 
     def _write_validation(self, top1: float, images: int) -> None:
-        """`validate`'s score as ``<run dir>/validation.json``: what `sweep --select-on val` ranks by."""
-        datamodule = getattr(self.trainer, "datamodule", None)
+        """`validate`'s score as ``<run dir>/validation.json`` (what `sweep --select-on val` ranks by) when it
+        is its run's complete validation under the run's own settings, else as a record of its own."""
+        expected = _role_size(getattr(self.trainer, "datamodule", None), "val", images)
+        partial = images < expected
         record = {
             **self._run_description(),
+            **self._evaluation_key("validate", partial),
             "val_top1": top1,
             "images": images,
-            "partial": images < _role_size(datamodule, "val", images),
         }
-        write_result(Path(self.trainer.default_root_dir), record, VALIDATION_FILE)
+        why = f"the validation covered {images} of the {expected} images (a partial one)" if partial else ""
+        self._record_evaluation("validate", record, VALIDATION_FILE, why)
+
+    def _evaluation_settings(self) -> dict[str, Any]:
+        """The settings that change an evaluation's numbers but not the model (evaluation_record)."""
+        return {
+            "precision": str(self.trainer.precision),
+            "eval_routing": eval_routing(self.hparams.lily) if self.method == "lily" else None,
+            "eval_batch_size": getattr(getattr(self.trainer, "datamodule", None), "eval_batch_size", None),
+        }
+
+    def _evaluation_key(self, kind: str, partial: bool) -> dict[str, Any]:
+        trained = self.loaded_step or {"epoch": self.current_epoch, "global_step": self.global_step}
+        split = self._role_splits("val" if kind == "validate" else "test")
+        return evaluation_key(self.trainer.ckpt_path, trained, split, self._evaluation_settings(), partial)
+
+    def _record_evaluation(self, kind: str, record: dict[str, Any], name: str, why: str) -> Path:
+        """Write ``record`` as ``name`` (result.json, validation.json) of the run that trained the checkpoint
+        when it is that run's complete evaluation under its own settings, else as a new
+        ``evaluations/<kind>-<n>.json`` that replaces nothing, and return the file. ``why``: the caller's
+        reason it is not the run's (partial); the checkpoint's run, task and settings are checked here."""
+        run_dir = Path(self.trainer.default_root_dir)
+        trained_task = (self.trained_on or {}).get("task")
+        folder, foreign = result_folder(run_dir, self.trainer.ckpt_path, trained_task, self._task())
+        differences = other_settings(kind, record, self.trained_on)
+        if differences:
+            foreign = foreign or f"it ran with other settings than its run's: {', '.join(differences)}"
+        why = foreign or why
+        if folder is not None and not why:
+            path = write_result(folder, record, name)
+            if folder.resolve() != run_dir.resolve():
+                log.info("%s written to %s: the run folder that trained the checkpoint.", name, path)
+            return path
+        path = write_evaluation(folder or run_dir, record, kind)
+        log.warning("%s not written: %s. This %s is recorded in %s.", name, why, kind, path)
+        return path
 
     def _run_description(self) -> dict[str, Any]:
         """What tells this run apart from another one in a table: task, method, backbone, protocol, seed."""
@@ -431,7 +549,7 @@ class ViTClassifier(L.LightningModule):
         if partial:
             log.warning(
                 "partial test: %d of the %d test images were evaluated (trainer.limit_test_batches?); the "
-                'result is marked partial ("partial": true in result.json) and is not the task\'s accuracy.',
+                'result is marked partial ("partial": true) and is not the task\'s accuracy.',
                 images,
                 expected,
             )
@@ -448,23 +566,18 @@ class ViTClassifier(L.LightningModule):
             "best_of_evals": best,
             "best_of_evals_note": note,
             "images": images,
-            "partial": partial,  # fewer images than the test set holds: not a full result
+            **self._evaluation_key("test", partial),  # partial: fewer images than the test set holds
             "class_names": names,
             "per_class_acc": dict(zip(names, class_accuracy(matrix), strict=True)),  # null: no test image
         }
-        run_dir = Path(self.trainer.default_root_dir)
-        trained_task = (self.trained_on or {}).get("task")
-        folder, why = result_folder(run_dir, self.trainer.ckpt_path, trained_task, task)
-        if folder is None:
-            log.warning("result.json not written: %s. The RESULT line above is this test's record.", why)
-            return
-        path = write_result(folder, result)
-        # The confusion matrix goes with the result it belongs to.
-        write_confusion_csv(folder / CONFUSION_CSV, matrix, names)
-        confusion_matrix_figure(matrix, names, save=folder / CONFUSION_PNG, title=f"{task}, {self.method}")
-        log.info("Confusion matrix: %s and %s", folder / CONFUSION_CSV, folder / CONFUSION_PNG)
-        if folder.resolve() != run_dir.resolve():
-            log.info("Result written to %s: the run folder that trained the checkpoint.", path)
+        why = f"the test covered {images} of the {expected} test images (a partial test)" if partial else ""
+        path = self._record_evaluation("test", result, RESULT_FILE, why)
+        # The confusion matrix goes with the result it belongs to: beside it, named after it.
+        prefix = "" if path.name == RESULT_FILE else f"{path.stem}-"
+        csv_path, png_path = path.with_name(prefix + CONFUSION_CSV), path.with_name(prefix + CONFUSION_PNG)
+        write_confusion_csv(csv_path, matrix, names)
+        confusion_matrix_figure(matrix, names, save=png_path, title=f"{task}, {self.method}")
+        log.info("Confusion matrix: %s and %s", csv_path, png_path)
 
     # -- optimisation ----------------------------------------------------------------------------------
 
@@ -543,3 +656,4 @@ class ViTClassifier(L.LightningModule):
         if checkpoint.get("val_acc_best") is not None:
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
         self.trained_on = checkpoint.get(TRAINED_ON)
+        self.loaded_step = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}

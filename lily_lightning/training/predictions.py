@@ -1,8 +1,10 @@
-"""Writes ``predict`` results to one CSV file next to the run's logs, once, from rank 0, in dataset order."""
+"""Writes ``predict`` results to one CSV file, once, from rank 0, in dataset order: ``--out FILE``, else a
+new ``predictions.csv`` / ``predictions-2.csv`` ... in the run folder (an earlier predict's file stays)."""
 
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,32 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from ..files import check_out_file
+
 HEADER = ("index", "file", "label", "class", "confidence")
+PREDICTIONS = "predictions.csv"
+PREDICTIONS_GLOB = "predictions*.csv"
+
+log = logging.getLogger(__name__)
+
+
+def predictions_file(run_dir: Path, out: Path | None, force: bool) -> Path:
+    """Where `predict` writes: ``out`` (refused when it exists, unless ``force``), else the first free one of
+    ``run_dir/predictions.csv``, ``predictions-2.csv``, ... so an earlier predict's file is never replaced."""
+    if out is not None:
+        check_out_file(out, force, out / PREDICTIONS)
+        return out
+    path, number = run_dir / PREDICTIONS, 1
+    while path.exists():
+        number += 1
+        path = run_dir / f"predictions-{number}.csv"
+    if number > 1:
+        log.info(
+            "%s holds an earlier predict's rows (kept): this one writes %s (or name it: --out FILE).",
+            run_dir / PREDICTIONS,
+            path,
+        )
+    return path
 
 
 def header(top_k: int) -> list[str]:

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import timm
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
 from ..adapters import LilyConfig, LoRAConfig
 from ..errors import UsageError
 from ..files import write_atomically
+from ..paths import shown_path
 from .inject import ADAPTERS_ATTR, adapted_sites, inject, timm_state_dict
 from .merge import merge
 from .state import adapter_state_dict, load_adapter_state_dict
@@ -118,8 +119,17 @@ def load_exported(path: str | Path) -> nn.Module:
     Its ``pretrained_cfg`` names the classes (``label_names``) and holds the eval preprocessing, as the
     plain-timm ``load`` line's does: ``timm.data.resolve_data_config(model=model)`` gives it back.
     """
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
+    if not Path(path).is_file():
+        raise UsageError(f"{shown_path(path)} does not exist (or is a folder): give the file `export` wrote.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as err:
+        raise UsageError(
+            f"{path} is not a readable .safetensors file ({err}): it is damaged, cut off or of another "
+            "format. Export the run again (python -m lily_lightning export ... --out FILE), or load the "
+            "run's checkpoint (checkpoints/last.ckpt) instead."
+        ) from err
     if metadata.get("format") != FORMAT:
         raise UsageError(f"{path} is not a lily_lightning export (format {metadata.get('format')!r})")
     overlay = {}

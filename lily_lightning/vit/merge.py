@@ -1,4 +1,4 @@
-"""Merged inference: fold the linear adapter sites into the frozen timm weights, and take them out again.
+"""Merged inference: fold the updates linear in the weights into the frozen timm weights, and take them out.
 
 With expert weights that do not depend on the input (``routing: uniform``, or batch routing with
 ``eval_routing: running``), a linear Lily site is one fixed low-rank matrix per block ``i`` (LP group ``g``):
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import LilyAdapter, LoRAAdapter, mixed_bank
+from ..adapters import AFFINE, DELTA, TOKENS, kinds_of
 from ..errors import UsageError
-from .inject import ADAPTERS_ATTR, AdaptedSite, adapted_sites, adapted_vit
+from .inject import ADAPTERS_ATTR, AdaptedSite, _Branch, adapted_sites, adapted_vit
 
 # Attribute of the injected ViT that records a merge (and is absent when it is not merged).
 MERGED_ATTR = "_merged_adapters"
@@ -30,57 +30,83 @@ MERGED_ATTR = "_merged_adapters"
 class _MergedSite:
     site: AdaptedSite
     branches: tuple  # the wrapper's branches before the merge
-    original_weight: torch.Tensor  # a copy of the Linear's weight before the merge, restored bit for bit
+    original_weight: (
+        torch.Tensor
+    )  # copies of the fold target's tensors before the merge, restored bit for bit
+    original_bias: torch.Tensor | None
 
 
 def _check_mergeable(adapters: nn.ModuleDict) -> None:
-    """Refuse input-dependent expert weights, before any tensor is touched, saying what to use instead."""
+    """Refuse, before any tensor is touched, what has no fixed weight to fold, saying what to do instead."""
     for site, adapter in adapters.items():
-        if not isinstance(adapter, LilyAdapter) or adapter.eval_mix(0) is not None:
-            continue
-        if adapter.routing == "batch":
+        if TOKENS in kinds_of(adapter):
             raise UsageError(
-                f"cannot merge Lily site {site!r}: with eval_routing='batch' its expert mix is recomputed "
-                "from each eval batch, so no fixed weight exists. Evaluate with the running mix of training "
-                "(eval_routing: running; CLI: --model.lily.eval_routing running; library: "
-                "LilyConfig(eval_routing='running')), or train with routing: uniform"
+                f"cannot merge {site!r}: prompt tokens lengthen the token sequence every block attends over, "
+                "so no weight of the plain ViT computes the same. Evaluate the adapted model as it is "
+                "(test / predict / load_classifier); merge and export are for methods that update weights "
+                "(lora, dora, fact_tt, ssf, bitfit, lily with a fixed mix)."
             )
-        raise UsageError(
-            f"cannot merge Lily site {site!r}: routing={adapter.routing!r} mixes the experts per "
-            f"{'image' if adapter.routing == 'sample' else 'token'}, so no fixed weight exists. Train with "
-            "routing: uniform, or with routing: batch and evaluate with eval_routing: running"
-        )
+        problem = getattr(adapter, "merge_problem", None)
+        if problem is not None and problem(site) is not None:
+            raise UsageError(problem(site))
 
 
-def _is_linear(adapter: nn.Module) -> bool:
-    return isinstance(adapter, LoRAAdapter) or (
-        isinstance(adapter, LilyAdapter) and isinstance(adapter.act, nn.Identity)
-    )
-
-
-def delta_weight(adapter: nn.Module, block: int) -> torch.Tensor:
-    """The (out, in) matrix ``D`` with ``adapter(x, block) == x @ D^T`` in eval mode (a linear site).
+def delta_weight(adapter: nn.Module, block: int) -> torch.Tensor | None:
+    """The (out, in) matrix ``D`` with ``adapter(x, block) == x @ D^T`` in eval mode, or None (not linear).
 
     In the adapter's own dtype, also inside an autocast region (which would round a float32 ``D`` to
     bfloat16 before it is added to float32 weights).
     """
+    if getattr(adapter, "reads", "input") != "input":
+        return None
     with torch.autocast(next(adapter.parameters()).device.type, enabled=False):
-        if isinstance(adapter, LilyAdapter):
-            hp_mix = mixed_bank(adapter.eval_mix(block), adapter.hp)  # (r, out)
-            return adapter.scale * hp_mix.T @ adapter.lp[block // adapter.lp_stride].weight
-        if isinstance(adapter, LoRAAdapter):  # dropout is the identity at eval
-            return adapter.scaling * adapter.lora_b[block].weight @ adapter.lora_a[block].weight
-    raise TypeError(f"cannot merge a {type(adapter).__name__}")
+        return adapter.delta_weight(block)
+
+
+def _foldable(site: AdaptedSite) -> list[tuple[_Branch, torch.Tensor]]:
+    """The branches of ``site`` a merge folds, each with its update computed from the unmerged weights:
+    a delta's (out, in) matrix, an affine's stacked (scale, shift). Linear deltas fold into a Linear;
+    affines fold only when no delta stays a branch (they scale what the deltas added)."""
+    target = site.fold_target
+    if target is None:
+        return []
+    folds: list[tuple[_Branch, torch.Tensor]] = []
+    kept_delta = False
+    with torch.autocast(target.weight.device.type, enabled=False):
+        for branch in site.branches:
+            if branch.kind == DELTA:
+                delta = (
+                    delta_weight(site.adapter(branch), branch.block)
+                    if isinstance(target, nn.Linear)
+                    else None
+                )
+                if delta is None:
+                    kept_delta = True
+                else:
+                    folds.append((branch, delta))
+        for branch in site.branches:
+            if branch.kind == AFFINE and not kept_delta:
+                weight, bias = site.frozen_rows(branch.third)
+                if bias is not None:
+                    folds.append(
+                        (branch, torch.stack(site.adapter(branch).affine(branch.block, weight, bias)))
+                    )
+    return folds
 
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every linear adapter site (q, k, v, proj, fc1, fc2) into the frozen weights, in place.
+    """Fold every update that is linear in the frozen weights into them, in place.
 
-    The merged model computes what the unmerged one computes in eval mode; the ``mlp`` site stays a side
-    branch with its fixed mix. It is for inference: it refuses train mode and loading tensors, and its
-    ``state_dict()`` loads into no unmerged model (see ``inject.MERGED_KEY``); :func:`unmerge` first. Raises
-    ``UsageError`` for input-dependent routing, a model in train mode and a model that is already merged.
+    Linear deltas (LoRA, Lily with a fixed mix, FacT, DoRA's direction on q, k, v, proj, fc1, fc2) add to
+    the Linear's weight; affines (SSF, DoRA's magnitude) scale and shift the weight and bias they follow;
+    BitFit's biases are the backbone's already. Non-linear side branches beside or after the MLP (Lily's
+    ``mlp`` site, AdaptFormer, Adapter) stay branches. Prompt tokens (VPT) are refused.
+
+    The merged model computes what the unmerged one computes in eval mode. It is for inference: it refuses
+    train mode and loading tensors, and its ``state_dict()`` loads into no unmerged model (see
+    ``inject.MERGED_KEY``); :func:`unmerge` first. Raises ``UsageError`` for input-dependent routing, prompt
+    tokens, a model in train mode and a model that is already merged.
     """
     vit = adapted_vit(model)
     if hasattr(vit, MERGED_ATTR):
@@ -89,22 +115,25 @@ def merge(model: nn.Module) -> nn.Module:
         # The folded deltas are the eval-mode ones (running or uniform mix, no dropout), and train mode
         # computes another function: call eval() first, so what runs merged is what ran before.
         raise UsageError("merge is for inference: call model.eval() before lily_lightning.merge(model)")
-    adapters = getattr(vit, ADAPTERS_ATTR)
-    _check_mergeable(adapters)
+    _check_mergeable(getattr(vit, ADAPTERS_ATTR))
     merged = []
     for site in adapted_sites(vit):
-        linear = site.linear
-        folded = [b for b in site.branches if linear is not None and _is_linear(site.adapter(b))]
-        if not folded:
+        folds = _foldable(site)
+        if not folds:
             continue
-        merged.append(_MergedSite(site, site.branches, linear.weight.detach().clone()))
-        for branch in folded:
-            delta = delta_weight(site.adapter(branch), branch.block).to(linear.weight.dtype)
-            rows = linear.weight
-            if branch.third is not None:  # q, k or v: one third of the fused qkv output rows
-                width = rows.shape[0] // 3
-                rows = rows[branch.third * width : (branch.third + 1) * width]
-            rows.add_(delta)
+        target = site.fold_target
+        bias = None if target.bias is None else target.bias.detach().clone()
+        merged.append(_MergedSite(site, site.branches, target.weight.detach().clone(), bias))
+        # Every update was computed from the unmerged weights above; deltas first, then the affines on them.
+        for branch, update in folds:
+            weight, bias = site.frozen_rows(branch.third)
+            if branch.kind == DELTA:
+                weight.add_(update.to(weight.dtype))
+            else:
+                scale, shift = update.to(weight.dtype)
+                weight.mul_(scale.view(-1, *[1] * (weight.dim() - 1)))
+                bias.mul_(scale).add_(shift)
+        folded = [branch for branch, _ in folds]
         site.branches = tuple(b for b in site.branches if b not in folded)
         site.folded = tuple(folded)
     setattr(vit, MERGED_ATTR, merged)
@@ -118,7 +147,10 @@ def unmerge(model: nn.Module) -> nn.Module:
     if not hasattr(vit, MERGED_ATTR):
         raise UsageError("this model is not merged; nothing to unmerge")
     for record in getattr(vit, MERGED_ATTR):
-        record.site.linear.weight.copy_(record.original_weight)
+        target = record.site.fold_target
+        target.weight.copy_(record.original_weight)
+        if record.original_bias is not None:
+            target.bias.copy_(record.original_bias)
         record.site.branches = record.branches
         record.site.folded = ()
     delattr(vit, MERGED_ATTR)

@@ -1,4 +1,5 @@
-"""Adapter-only state: save, load and count the tensors ``inject`` added (shared ones once)."""
+"""Adapter-only state: save, load and count the tensors a method trains: those ``inject`` added (shared ones
+once) and the backbone tensors it unfroze in place (BitFit's biases, under their backbone names)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from ..adapters import AdapterConfig
+from ..adapters import UNFROZEN, AdapterConfig, kinds_of
 from .inject import ADAPTERS_ATTR, inject
 
 
@@ -21,12 +22,20 @@ def _adapters(model: nn.Module) -> nn.Module:
     return adapters
 
 
+def _unfrozen(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The backbone parameters the method trains in place, by their names in ``model``."""
+    names = [n for a in _adapters(model).values() if UNFROZEN in kinds_of(a) for n in a.names]
+    return {name: model.get_parameter(name) for name in names}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors alone, keyed ``adapters.<site>.<name>``; each Lily HP bank appears once."""
-    return {
+    """The adapter tensors alone, keyed ``adapters.<site>.<name>``; each Lily HP bank appears once. Backbone
+    tensors a method trains in place (BitFit) appear under their own names."""
+    state = {
         f"{ADAPTERS_ATTR}.{name}": tensor.detach()
         for name, tensor in _adapters(model).state_dict(keep_vars=True).items()
     }
+    return state | {name: tensor.detach() for name, tensor in _unfrozen(model).items()}
 
 
 def state_problems(
@@ -70,7 +79,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
 def count_parameters(model: nn.Module) -> int:
     """Trainable adapter parameters, each shared tensor counted once (the head is not included)."""
-    return sum(p.numel() for p in _adapters(model).parameters() if p.requires_grad)
+    adapter = sum(p.numel() for p in _adapters(model).parameters() if p.requires_grad)
+    return adapter + sum(p.numel() for p in _unfrozen(model).values())
 
 
 def count_backbone_parameters(backbone: str, config: AdapterConfig | None) -> int:

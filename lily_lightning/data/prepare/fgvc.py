@@ -10,6 +10,7 @@ Oxford Flowers ships its own validation split (``setid.mat``), which is used.
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import json
 import math
@@ -18,6 +19,7 @@ import random
 import shutil
 import tarfile
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +52,23 @@ def scan_archive(
     """One pass over a tar archive: the files under ``folder`` (at the top of the archive or one folder down)
     are written below ``destination``, keeping their paths inside ``folder``; the files named in ``keep``
     (small index files, at the same depth as ``folder``) come back as bytes."""
+    try:
+        kept = _scan_tar(archive, folder, destination, keep)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:  # cut-off or damaged download
+        raise UsageError(
+            f"{archive} is damaged or cut off ({type(err).__name__}: {err or 'unexpected end of data'}), "
+            f"so it cannot be read to its end: download it again ({archive.stat().st_size:,} bytes now), "
+            "then rerun the same command (datasets already built are skipped)."
+        ) from err
+    missing = [name for name in keep if name not in kept]
+    if missing:
+        raise UsageError(
+            f"{archive} has no {', '.join(missing)}: it is not the official archive, or is damaged."
+        )
+    return kept
+
+
+def _scan_tar(archive: Path, folder: str | None, destination: Path, keep: Sequence[str]) -> dict[str, bytes]:
     kept: dict[str, bytes] = {}
     with tarfile.open(archive) as tar:
         for member in tar:
@@ -63,11 +82,6 @@ def scan_archive(
                 target.write_bytes(tar.extractfile(member).read())
             elif len(parts) <= 2 and parts[-1] in keep:
                 kept[parts[-1]] = tar.extractfile(member).read()
-    missing = [name for name in keep if name not in kept]
-    if missing:
-        raise UsageError(
-            f"{archive} has no {', '.join(missing)}: it is not the official archive, or is damaged."
-        )
     return kept
 
 

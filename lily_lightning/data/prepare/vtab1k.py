@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import importlib.util
 import json
 import os
 import shutil
@@ -360,6 +361,9 @@ def export_tasks(tasks: Sequence[str], root: Path, tfds_dir: Path) -> dict[str, 
     return outcome
 
 
+NO_TFDS_EXIT = 3  # the exporter's exit code for an interpreter without tensorflow-datasets
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="VTAB-1k exporter (started by `prepare vtab1k`).")
     parser.add_argument("--root", type=Path, required=True)
@@ -367,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--outcome", type=Path, required=True, help="json file: {task: 'built' or why not}")
     parser.add_argument("tasks", nargs="+", choices=sorted(SOURCES))
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+        return NO_TFDS_EXIT  # `prepare vtab1k` says what to install
     outcome = export_tasks(args.tasks, args.root, args.tfds_dir)
     args.outcome.write_text(json.dumps(outcome, indent=1))
     return 0

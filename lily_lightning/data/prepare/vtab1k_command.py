@@ -73,6 +73,12 @@ def prepare_vtab1k(root: Path, tasks: Sequence[str], tfds_dir: Path, python: str
             command = [python, vtab1k.__file__, "--root", str(root), "--tfds-dir", str(tfds_dir)]
             command += ["--outcome", str(outcome_file), *todo]
             finished = subprocess.run(command, check=False)  # progress goes straight to the terminal
+            if finished.returncode == vtab1k.NO_TFDS_EXIT:
+                raise UsageError(
+                    f"the TFDS Python {python} has no tensorflow-datasets: install it there "
+                    f"({python} -m pip install tensorflow-cpu tensorflow-datasets) or point --tfds-python "
+                    f"at another.\n{_TFDS_SETUP}"
+                )
             if finished.returncode != 0 or not outcome_file.is_file():
                 raise UsageError(
                     f"The TFDS exporter ({python}) stopped with exit code {finished.returncode} (its error "
