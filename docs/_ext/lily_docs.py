@@ -3,8 +3,9 @@
 Writes, under ``docs/reference/generated/`` (ignored by git), Markdown that the reference pages include:
 
 - ``cli.md``: the ``--help`` output of every command, run in one child process (the real parsers);
-- ``config_keys.md``: the constructor arguments of ``ViTClassifier``, ``LilyConfig``, ``LoRAConfig`` and
-  each DataModule, with their types, defaults and the sentence their docstring gives;
+- ``config_keys.md``: the constructor arguments of ``ViTClassifier``, each method's config (``LilyConfig``,
+  ``LoRAConfig``, ``VPTConfig``, ...) and each DataModule, with their types, defaults and the sentence their
+  docstring gives;
 - ``errors.md``: every ``UsageError`` message the package can raise, read from its source with ``ast``.
 
 A command whose help fails (non-zero exit, empty text, a usage line that does not name the command) stops
@@ -26,9 +27,9 @@ from sphinx.application import Sphinx
 from sphinx.errors import ExtensionError
 
 # Each command the reference documents, as typed after `python -m lily_lightning` ("" is the program's own
-# --help, which must name every command). The program's help and `export --help` join once issue 24's fix of
-# their help is in: today the first lists only fit/validate/test/predict and the second shows `test`'s.
+# --help, which must name every command).
 COMMANDS: tuple[str, ...] = (
+    "",
     "fit",
     "validate",
     "test",
@@ -39,6 +40,7 @@ COMMANDS: tuple[str, ...] = (
     "data check",
     "sweep",
     "report",
+    "export",
 )
 
 # The classes whose constructor arguments are config keys, with the key prefix they have in a config file.
@@ -46,6 +48,12 @@ CONFIG_CLASSES: tuple[tuple[str, str], ...] = (
     ("lily_lightning.ViTClassifier", "model"),
     ("lily_lightning.LilyConfig", "model.lily"),
     ("lily_lightning.LoRAConfig", "model.lora"),
+    ("lily_lightning.adapters.VPTConfig", "model.vpt"),
+    ("lily_lightning.adapters.SequentialAdapterConfig", "model.adapter"),
+    ("lily_lightning.adapters.AdaptFormerConfig", "model.adaptformer"),
+    ("lily_lightning.adapters.SSFConfig", "model.ssf"),
+    ("lily_lightning.adapters.FacTTTConfig", "model.fact_tt"),
+    ("lily_lightning.adapters.DoRAConfig", "model.dora"),
     ("lily_lightning.VTAB1kDataModule", "data.init_args"),
     ("lily_lightning.FGVCDataModule", "data.init_args"),
     ("lily_lightning.ImageFolderDataModule", "data.init_args"),
@@ -161,7 +169,7 @@ def config_markdown(classes: tuple[tuple[str, str], ...]) -> str:
         rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         for parameter in parameters.values():
             default = "required" if parameter.default is inspect.Parameter.empty else repr(parameter.default)
-            if default.startswith(("LilyConfig(", "LoRAConfig(")):
+            if re.match(r"\w+Config\(", default):
                 default = f"`{default.split('(')[0]}()` (below)"
             else:
                 default = f"`{default}`" if default != "required" else default
