@@ -100,8 +100,10 @@ def test_site_has_every_page_with_the_tutorials_figures(site: Path) -> None:
     # the generated reference: each command's options, the config keys with defaults, the error messages
     cli = (html / "reference" / "cli.html").read_text()
     assert "--model.lily.rank" in cli and "--select-on" in cli and "--tfds-python" in cli
+    assert "python -m lily_lightning export --help" in cli and "prepare vtab1k  build" in cli  # + the program
     config = (html / "reference" / "config.html").read_text()
     assert "model.lily.num_experts" in config and "data.init_args.cache_images" in config
+    assert "model.fact_tt.rank" in config and "model.vpt.length" in config
     assert "did you mean" in (html / "reference" / "errors.html").read_text()
     assert "def inject" not in (html / "reference" / "api.html").read_text()  # rendered, not source
     assert "load_adapter_state_dict" in (html / "reference" / "api.html").read_text()
