@@ -122,6 +122,12 @@ class LoRAConfig:
     """LoRA (Hu et al., 2021) as the standard VTAB-1k baseline: r=8, alpha=8 on q and v.
 
     Built through the same site machinery as Lily, so both are compared on one footing.
+
+    Args:
+        rank: r, the width of each site's own down (dim -> r) and up (r -> dim) projection, per block.
+        alpha: the update is scaled by ``alpha / rank``.
+        targets: sites to adapt (see module docstring).
+        dropout: dropout on the adapter's input (0 turns it off).
     """
 
     rank: int = 8
