@@ -3,6 +3,7 @@
 from .adapter import SequentialAdapterConfig
 from .adaptformer import AdaptFormerConfig
 from .bitfit import BitFitConfig
+from .budget import SIZE_KNOBS, SizeKnob, fit_budget
 from .build import METHOD_SETTINGS, AdapterConfig, build_adapters
 from .config import EVAL_ROUTINGS, ROUTINGS, SITES, LilyConfig, LoRAConfig
 from .dora import DoRAConfig
@@ -21,6 +22,7 @@ __all__ = [
     "MODEL_PLACES",
     "ROUTINGS",
     "SITES",
+    "SIZE_KNOBS",
     "TOKENS",
     "UNFROZEN",
     "AdaptFormerConfig",
@@ -34,8 +36,10 @@ __all__ = [
     "LoRAConfig",
     "SSFConfig",
     "SequentialAdapterConfig",
+    "SizeKnob",
     "VPTConfig",
     "build_adapters",
+    "fit_budget",
     "kinds_of",
     "mix_experts",
     "mix_fixed",

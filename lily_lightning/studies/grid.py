@@ -3,6 +3,8 @@ one grid point per (task, method) on validation.
 
 Folders (``runs/<task>/<method>/`` as a plain sweep has them, then):
 
+- a method run at a parameter budget (``--budgets``, methods with a size knob only): ``.../budget=<N>/``, its
+  grid points, selection runs and final runs below it as below ``.../<method>/``;
 - a grid point without selection: ``.../<variant>/`` (e.g. ``lr=1e-3,lily.scale=10``);
 - a selection run (``--select-on val``): ``.../select/<variant>/``, trained on the tuning split (VTAB-1k
   ``train800``, FGVC ``train``) with the first seed and scored on validation (``val200`` / ``val``) by
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lily_lightning.adapters import METHOD_SETTINGS, SIZE_KNOBS
 from lily_lightning.data.tasks import FGVCTask, benchmark_task
 from lily_lightning.errors import UsageError
 from lily_lightning.studies.runs import RunSpec, file_digest
@@ -33,8 +36,10 @@ STUDY_FILE = "sweep_study.json"
 # its validation split; the final runs train on the second, as the paper's protocol does.
 VTAB_SPLITS = ("train800_val200", "train800val200")
 FGVC_SPLITS = ("train_val", "trainval")
-# Grid keys under one method's section vary only that method's runs (LoRA has no model.lily.scale).
-METHOD_SECTIONS = {"lily": "model.lily.", "lora": "model.lora."}
+# Grid keys under a method's own setting vary only that method's runs (LoRA has no model.lily.scale;
+# model.vpt.length is vpt_shallow's and vpt_deep's).
+METHOD_SECTIONS = {method: f"model.{setting}." for method, setting in METHOD_SETTINGS.items() if setting}
+BUDGET_KEY = "model.budget"
 
 
 def config_arguments(configs: Sequence[Path]) -> list[str]:
@@ -63,10 +68,16 @@ def parse_grid(items: Sequence[str]) -> list[GridAxis]:
     return axes
 
 
+def owning_methods(key: str) -> list[str]:
+    """The methods whose own setting ``key`` is under (``model.vpt.length``: vpt_shallow, vpt_deep); empty
+    for a key every method has (``model.lr``)."""
+    key = key.replace(".init_args.", ".")
+    return [method for method, section in METHOD_SECTIONS.items() if key.startswith(section)]
+
+
 def method_points(axes: Sequence[GridAxis], method: str) -> list[dict[str, str]]:
     """The grid points of one method's runs: the Cartesian product of the axes that concern it, in order."""
-    other_sections = [section for name, section in METHOD_SECTIONS.items() if name != method]
-    mine = [axis for axis in axes if not axis.key.startswith(tuple(other_sections))]
+    mine = [axis for axis in axes if method in (owning_methods(axis.key) or [method])]
     return [
         dict(zip((a.key for a in mine), values, strict=True))
         for values in itertools.product(*(a.values for a in mine))
@@ -80,6 +91,10 @@ def variant_name(point: Mapping[str, str]) -> str:
         short = key.replace(".init_args.", ".").removeprefix("model.")
         parts.append(f"{short}={value}".replace("/", "_"))
     return ",".join(parts)
+
+
+def budget_folder(budget: int | None) -> str:
+    return "" if budget is None else f"budget={budget}"
 
 
 def split_modes(task: str) -> tuple[str, str]:
@@ -98,6 +113,7 @@ class Study:
     seeds: list[int] | None
     axes: list[GridAxis]
     select_on: str | None
+    budgets: list[int] | None = None  # --budgets: each method with a size knob runs at each
     _configs: dict[str, Any] = field(default_factory=dict, repr=False)  # each config file read once
 
     def _read_config(self, path: str) -> Any:
@@ -117,7 +133,21 @@ class Study:
             keys["seed_everything"] = "the sweep sets each run's seed (--seeds)"
         if self.select_on is not None:
             keys["data.split_mode"] = "--select-on sets the tuning and the full split of each run"
+        if self.budgets is not None:
+            keys[BUDGET_KEY] = "the sweep sets each run's budget (--budgets)"
         return keys
+
+    def sized_methods(self) -> list[tuple[str, int | None]]:
+        """(method, budget) of each method's runs: a method with a size knob once per budget (when
+        ``budgets``), any other once with None."""
+        return [
+            (method, budget)
+            for method in self.methods
+            for budget in (self.budgets if self.budgets and method in SIZE_KNOBS else [None])
+        ]
+
+    def method_folder(self, task: str, method: str, budget: int | None) -> Path:
+        return self.runs_dir / task / method / budget_folder(budget)
 
     def check(self) -> None:
         """Refuse what the sweep sets per run when `--` or --grid sets it too, and a key set by both."""
@@ -137,11 +167,45 @@ class Study:
             )
         if self.select_on is not None and not any(len(axis.values) > 1 for axis in self.axes):
             raise UsageError("--select-on val chooses among grid points: give a --grid with two or more")
+        for axis in self.axes:
+            if axis.key.replace(".init_args.", ".") == BUDGET_KEY:
+                raise UsageError(
+                    f"--grid {axis.key}: use --budgets N1 N2 ...: a budget sizes the methods with a size "
+                    "knob, and runs the others once"
+                )
+            owners = owning_methods(axis.key)
+            if owners and not set(owners) & set(self.methods):
+                raise UsageError(
+                    f"--grid {axis.key}: a setting of {', '.join(owners)} only, and --methods "
+                    f"({' '.join(self.methods)}) has none of them: add one to --methods or leave the axis out"
+                )
+        if self.budgets is not None:
+            self.check_budgets()
+
+    def check_budgets(self) -> None:
+        """Refuse budgets no requested method can be sized to, and a grid over a knob the budget sets."""
+        sized = [method for method in self.methods if method in SIZE_KNOBS]
+        if not sized:
+            raise UsageError(
+                f"--budgets sizes the methods with a size knob ({', '.join(SIZE_KNOBS)}); "
+                f"--methods {' '.join(self.methods)} train a fixed count: add a method with a knob, or leave "
+                "out --budgets"
+            )
+        if bad := [budget for budget in self.budgets if budget < 1]:
+            raise UsageError(f"--budgets {' '.join(map(str, bad))}: a budget is a positive parameter count")
+        knobs = {f"{METHOD_SECTIONS[method]}{SIZE_KNOBS[method].field}": method for method in sized}
+        for axis in self.axes:
+            if (key := axis.key.replace(".init_args.", ".")) in knobs:
+                raise UsageError(
+                    f"--grid {axis.key}: --budgets sets {knobs[key]}'s {SIZE_KNOBS[knobs[key]].field} to "
+                    "meet each budget; grid it in a sweep without --budgets, or leave the axis out"
+                )
 
     def _spec(
         self,
         task: str,
         method: str,
+        budget: int | None,
         run_dir: Path,
         point: Mapping[str, str],
         seed: int | None,
@@ -153,6 +217,8 @@ class Study:
         args += self.extra
         args += [arg for key, value in point.items() for arg in (f"--{key}", value)]
         args += ["--data.name", task, "--model.method", method]
+        if budget is not None:
+            args += [f"--{BUDGET_KEY}", str(budget)]
         if seed is not None:
             args += ["--seed_everything", str(seed)]
         if split_mode is not None:
@@ -167,6 +233,7 @@ class Study:
             resolved=resolved_settings(args, self._read_config),
             evaluate="validate" if split_mode is not None and selection is None else "test",
             seed=seed,
+            budget=budget,
             point=dict(point),
             variant=variant_name(point) if selection is None else "",
             selection=selection,
@@ -181,32 +248,36 @@ class Study:
     def training_specs(self) -> list[RunSpec]:
         """Without selection: every (task, method, grid point, seed), fit + test."""
         specs = []
-        for task, method in itertools.product(self.tasks, self.methods):
+        for task, (method, budget) in itertools.product(self.tasks, self.sized_methods()):
             for point in method_points(self.axes, method):
-                folder = self.runs_dir / task / method
+                folder = self.method_folder(task, method, budget)
                 folder = folder / variant_name(point) if point else folder
-                specs += [self._spec(task, method, d, point, seed) for d, seed in self._seed_dirs(folder)]
+                specs += [
+                    self._spec(task, method, budget, d, point, seed) for d, seed in self._seed_dirs(folder)
+                ]
         return specs
 
     def selection_specs(self) -> list[RunSpec]:
         """Every (task, method, grid point) on the tuning split with the first seed, fit + validate."""
         specs = []
-        for task, method in itertools.product(self.tasks, self.methods):
+        for task, (method, budget) in itertools.product(self.tasks, self.sized_methods()):
             tuning = split_modes(task)[0]
             for point in method_points(self.axes, method):
-                folder = self.runs_dir / task / method / SELECT_FOLDER / variant_name(point)
+                folder = self.method_folder(task, method, budget) / SELECT_FOLDER / variant_name(point)
                 specs += [
-                    self._spec(task, method, d, point, seed, tuning)
+                    self._spec(task, method, budget, d, point, seed, tuning)
                     for d, seed in self._seed_dirs(folder, first_only=True)
                 ]
         return specs
 
-    def final_specs(self, task: str, method: str, choice: Mapping[str, Any]) -> list[RunSpec]:
-        """The chosen point of (task, method) on the full split, for each seed: fit + test."""
-        folder = self.runs_dir / task / method
+    def final_specs(
+        self, task: str, method: str, budget: int | None, choice: Mapping[str, Any]
+    ) -> list[RunSpec]:
+        """The chosen point of (task, method, budget) on the full split, for each seed: fit + test."""
+        folder = self.method_folder(task, method, budget)
         full = split_modes(task)[1]
         return [
-            self._spec(task, method, d, choice["point"], seed, full, choice)
+            self._spec(task, method, budget, d, choice["point"], seed, full, choice)
             for d, seed in self._seed_dirs(folder)
         ]
 
@@ -219,6 +290,8 @@ class Study:
             "grid": {axis.key: list(axis.values) for axis in self.axes},
             "select_on": self.select_on,
         }
+        if self.budgets is not None:  # only then: an earlier study's record stays as it was written
+            record["budgets"] = self.budgets
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         path, text = self.runs_dir / STUDY_FILE, json.dumps(record, indent=2) + "\n"
         if not path.is_file() or path.read_text() != text:  # a rerun of the same study writes nothing

@@ -71,6 +71,7 @@ class RunSpec:
     resolved: Mapping[str, Any] = field(default_factory=dict, hash=False)  # studies.settings of ``args``
     evaluate: Literal["test", "validate"] = "test"
     seed: int | None = None
+    budget: int | None = None  # --budgets: the trainable count the method is sized to
     point: Mapping[str, str] = field(default_factory=dict, hash=False)
     variant: str = ""  # the grid point's folder name (empty for a final run, whose point is chosen)
     selection: Mapping[str, Any] | None = field(default=None, hash=False)
@@ -78,9 +79,10 @@ class RunSpec:
     @property
     def name(self) -> str:
         seed = f" seed{self.seed}" if self.seed is not None else ""
+        budget = f" budget={self.budget}" if self.budget is not None else ""
         variant = f" {self.variant}" if self.variant else ""
         select = " (selection)" if self.evaluate == "validate" else ""
-        return f"{self.task} {self.method}{seed}{variant}{select}"
+        return f"{self.task} {self.method}{budget}{seed}{variant}{select}"
 
     def settings(self) -> dict[str, Any]:
         """What ``sweep_run.json`` records: the resolved settings (what a rerun must match to count as the

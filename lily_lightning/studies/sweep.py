@@ -1,7 +1,7 @@
 """``python -m lily_lightning sweep``: fit + test many tasks and methods, seeds and grid points - a study.
 
-    python -m lily_lightning sweep --config configs/vit_vtab.yaml --tasks vtab [--methods lily lora]
-        [--seeds 0 1 2] [--grid model.lr=1e-3,5e-4 ...] [--select-on val]
+    python -m lily_lightning sweep --config configs/vit_vtab.yaml --tasks vtab [--methods lily lora ...]
+        [--budgets 100000 400000] [--seeds 0 1 2] [--grid model.lr=1e-3,5e-4 ...] [--select-on val]
         [--launcher local --parallel N --gpus-per-run G | --launcher slurm --slurm-... [--no-wait]] [-- ARGS]
     python -m lily_lightning sweep --status RUNS_DIR
 
@@ -19,7 +19,12 @@ by another writer (its lock) is left to it. A run that cannot start (its data fo
 listed at the end and the sweep goes on.
 
 With ``--select-on val`` every grid point is trained on the tuning split and scored on validation; the
-best point per (task, method) is then trained on the full split for each seed and tested once.
+best point per (task, method) is then trained on the full split for each seed and tested once. A grid key
+under a method's own setting (``model.vpt.length``) varies only that method's runs.
+
+With ``--budgets`` each method with a size knob runs at each budget (``--model.budget N``: the knob value
+whose trainable count is closest), in its own folder ``budget=<N>``, with its own grid points and selection;
+a method with a fixed count runs once.
 """
 
 from __future__ import annotations
@@ -27,19 +32,24 @@ from __future__ import annotations
 import argparse
 import itertools
 import threading
+import typing
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..adapters import SIZE_KNOBS
 from ..data.tasks import FGVC_TASKS, VTAB_TASKS, FGVCTask, VTABTask, benchmark_task, canonical_task
 from ..errors import UsageError
+from ..training.module import Method
 from .grid import Study, choose, config_arguments, parse_grid
 from .grid_values import typed_axes
 from .launchers import LocalLauncher
 from .runs import Outcome, RunSpec, Say, differs_message, finished_score, other_settings
 from .settings import resolved_settings
 from .slurm import SlurmLauncher, SlurmOptions, active_job, parse_extra
+
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
 BENCHMARKS = {"vtab": tuple(VTAB_TASKS), "fgvc": tuple(FGVC_TASKS)}
 LORA_CONFIG = "lora_vtab.yaml"
@@ -130,14 +140,15 @@ class Sweep:
         selection = study.selection_specs()
         outcomes = self.stage("selection on validation (tuning split, no test)", selection)
         finals: list[RunSpec] = []
-        for task, method in itertools.product(study.tasks, study.methods):
-            choice = choose([s for s in selection if (s.task, s.method) == (task, method)])
+        for task, (method, budget) in itertools.product(study.tasks, study.sized_methods()):
+            choice = choose([s for s in selection if (s.task, s.method, s.budget) == (task, method, budget)])
+            cell = f"{task} {method}" + (f" budget={budget}" if budget is not None else "")
             if isinstance(choice, str):
                 waiting = any(o.status in ("submitted", "busy") for o in outcomes)
                 status = "submitted" if waiting else "failed"
                 again = " (run the same command again when they end)" if waiting else ""
-                self.say(f"{task} {method}: no final runs: {choice}{again}")
-                outcomes.append(Outcome(f"{task} {method} final", status, choice))
+                self.say(f"{cell}: no final runs: {choice}{again}")
+                outcomes.append(Outcome(f"{cell} final", status, choice))
                 continue
             others = ", ".join(
                 f"{v}: {m:.4f}" for v, m in choice["candidates"].items() if v != choice["variant"]
@@ -148,10 +159,10 @@ class Sweep:
                 else ""
             )
             self.say(
-                f"{task} {method}: chose {choice['variant']} (validation top-1 {choice['val_top1']:.4f}; "
+                f"{cell}: chose {choice['variant']} (validation top-1 {choice['val_top1']:.4f}; "
                 f"{others}){tie}"
             )
-            finals += study.final_specs(task, method, choice)
+            finals += study.final_specs(task, method, budget, choice)
         return self.summary(outcomes + self.stage("final runs (chosen point, full split, test)", finals))
 
     def summary(self, outcomes: list[Outcome]) -> list[Outcome]:
@@ -187,7 +198,16 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--status", type=Path, metavar="RUNS_DIR", help="print every run's state and exit")
     parser.add_argument("--config", type=Path, action="append", help="base config(s), layered")
     parser.add_argument("--tasks", nargs="+", help="vtab, fgvc and/or task names")
-    parser.add_argument("--methods", nargs="+", default=["lily"], help="lily, lora, linear_probe, full")
+    parser.add_argument(
+        "--methods", nargs="+", default=["lily"], metavar="METHOD", help=f"any of {', '.join(METHODS)}"
+    )
+    parser.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="run each method with a size knob at each trainable-parameter budget (--model.budget N)",
+    )
     parser.add_argument(
         "--runs-dir", type=Path, default=Path("runs"), help="runs go to RUNS_DIR/<task>/<method>"
     )
@@ -251,8 +271,13 @@ def main(argv: Sequence[str]) -> int:
     if missing:
         raise UsageError(f"config file not found: {', '.join(missing)}")
     tasks = expand_tasks(args.tasks)
+    methods = list(dict.fromkeys(args.methods))
+    if unknown := [method for method in methods if method not in METHODS]:
+        raise UsageError(
+            f"--methods: unknown method(s) {' '.join(unknown)}; choose among {', '.join(METHODS)}"
+        )
     # The first run's settings: where the grid keys' types are found (a data module's class_path).
-    first_configs = run_configs(args.config, tasks[0], args.methods[0])
+    first_configs = run_configs(args.config, tasks[0], methods[0])
     first = resolved_settings([*config_arguments(first_configs), *extra])
     axes, notes = typed_axes(parse_grid(args.grid), first)
     study = Study(
@@ -260,12 +285,15 @@ def main(argv: Sequence[str]) -> int:
         layered=lambda task, method: run_configs(args.config, task, method),
         extra=extra,
         tasks=tasks,
-        methods=args.methods,
+        methods=methods,
         seeds=args.seeds,
         axes=axes,
         select_on=args.select_on,
+        budgets=list(dict.fromkeys(args.budgets)) if args.budgets else None,
     )
     study.check()
+    if study.budgets and (fixed := [method for method in methods if method not in SIZE_KNOBS]):
+        notes.append(f"sweep: {', '.join(fixed)}: a fixed parameter count, run once, not per budget")
     if args.select_on is not None and first.get(LIMIT_VAL, 1.0) != 1.0:
         notes.append(
             f"sweep: {LIMIT_VAL} is {first[LIMIT_VAL]} in these settings: it holds for the evaluations "

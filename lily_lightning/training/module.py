@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from ..adapters import (
     METHOD_SETTINGS,
+    SIZE_KNOBS,
     AdapterConfig,
     AdaptFormerConfig,
     BitFitConfig,
@@ -35,6 +36,7 @@ from ..adapters import (
 )
 from ..errors import UsageError
 from ..seeding import configured_seed, epoch_seed, run_seed
+from ..vit.budget import sized_to_budget
 from ..vit.inject import ADAPTERS_ATTR, inject
 from ..vit.state import count_parameters, state_problems
 from ..vit.weights import load_backbone_weights
@@ -155,6 +157,10 @@ class ViTClassifier(L.LightningModule):
         lily: Lily's config (used when ``method: lily``).
         lora: LoRA's config (used when ``method: lora``).
         vpt, adapter, adaptformer, ssf, fact_tt, dora: the configs of those methods (``adapters/``).
+        budget: a target count of trainable adapter parameters (head excluded): the method's size knob
+            (``adapters.SIZE_KNOBS``: Lily's, LoRA's, DoRA's and FacT's rank, the adapters' bottleneck, VPT's
+            length) is set to the value whose count on this backbone is closest (ties: the smaller), whatever
+            its config says; the hyper-parameters record the value. Methods with a fixed count refuse one.
         img_size: input resolution, if not the backbone's default (the position table is resampled).
         normalize: input normalisation: the backbone's pretrained mean/std, ImageNet's, or none (the
             official Lily ViT code feeds [0, 1] pixels). Data modules yield [0, 1] pixels.
@@ -190,6 +196,7 @@ class ViTClassifier(L.LightningModule):
         ssf: SSFConfig = SSFConfig(),  # noqa: B008
         fact_tt: FacTTTConfig = FacTTTConfig(),  # noqa: B008
         dora: DoRAConfig = DoRAConfig(),  # noqa: B008
+        budget: int | None = None,
         img_size: int | None = None,
         normalize: Normalize = "backbone",
         drop_path_rate: float = 0.1,
@@ -241,14 +248,21 @@ class ViTClassifier(L.LightningModule):
             dora=dora,
         )
         config = adapter_config(method, settings)
+        knob = SIZE_KNOBS.get(method)
         if config is not None:
             try:
+                if budget is not None and knob is not None:
+                    config = self._fit_budget(config, budget)
                 inject(self.model, config)
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.adapter_parameters = count_parameters(self.model)
         elif method == "linear_probe":
             self.model.requires_grad_(False)
+        if budget is not None and knob is None:
+            self._refuse_budget(budget)
+        # The size knob's value, e.g. {"lora.rank": 22}, for result records (None: a method without one).
+        self.size = {f"{METHOD_SETTINGS[method]}.{knob.field}": knob.value(config)} if knob else None
         self.model.get_classifier().requires_grad_(True)
         if compile:
             # nn.Module.compile compiles in place: the module tree, and so every state_dict key, stays the
@@ -277,6 +291,33 @@ class ViTClassifier(L.LightningModule):
         self.loaded_step: dict[str, Any] | None = None
         # Checkpoints hold only the trainable tensors; the frozen backbone comes from `weights`.
         self.strict_loading = False
+
+    def _fit_budget(self, config: AdapterConfig, budget: int) -> AdapterConfig:
+        """``config`` with the method's size knob at the value whose count is closest to ``budget``; the
+        hyper-parameters (checkpoints, hparams.yaml) record that value."""
+        config, value, count = sized_to_budget(self.model, self.method, config, budget)
+        knob, setting = SIZE_KNOBS[self.method], METHOD_SETTINGS[self.method]
+        self.hparams[setting] = knob.sized(self.hparams[setting], value)
+        log.info(
+            "budget %s: %s %s %d -> %s adapter parameters",
+            f"{budget:,}",
+            self.method,
+            knob.field,
+            value,
+            f"{count:,}",
+        )
+        return config
+
+    def _refuse_budget(self, budget: int) -> None:
+        """A method without a size knob trains a fixed count: say which, rather than ignore the budget."""
+        head = {id(p) for p in self.model.get_classifier().parameters()}
+        trained = (p for p in self.model.parameters() if p.requires_grad and id(p) not in head)
+        fixed = self.adapter_parameters or sum(p.numel() for p in trained)  # full: the whole backbone
+        raise UsageError(
+            f"--model.budget {budget}: method {self.method} has no size knob, it trains a fixed {fixed:,} "
+            f"parameters on {self.hparams.backbone} (head excluded). Leave out --model.budget for it; a "
+            f"budget sizes {', '.join(SIZE_KNOBS)}."
+        )
 
     def _normalization(self, normalize: Normalize) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if normalize == "backbone":
@@ -447,6 +488,8 @@ class ViTClassifier(L.LightningModule):
             "split_mode": getattr(datamodule, "split_mode", None),
             "img_size": list(size) or None,
             "seed": configured_seed(),
+            "budget": self.hparams.budget,  # the asked count (None: the method's own size)
+            "size": self.size,
         }
 
     def on_test_start(self) -> None:

@@ -257,6 +257,13 @@ def _place_features(model: nn.Module, block: nn.Module, place: str) -> tuple[int
     return linear.in_features, linear.out_features // thirds
 
 
+def adapter_features(model: nn.Module, places: tuple[str, ...]) -> tuple[dict[str, tuple[int, int]], int]:
+    """What a method's builder sizes its adapters by: (in, out) of each of ``places`` in ``model``, and the
+    number of blocks. Raises ``ValueError`` for a model ``inject`` cannot adapt at those places."""
+    blocks = _check_model(model, places)
+    return {place: _place_features(model, blocks[0], place) for place in places}, len(blocks)
+
+
 def _check_model(model: nn.Module, places: tuple[str, ...]) -> list[nn.Module]:
     if not isinstance(model, VisionTransformer):
         raise ValueError(
@@ -359,9 +366,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     timm modules' parameters (``attn.qkv.weight`` -> ``attn.qkv.base.weight``).
     """
     places = config.places
-    blocks = _check_model(model, places)
-    depth = len(blocks)
-    features = {place: _place_features(model, blocks[0], place) for place in places}
+    features, depth = adapter_features(model, places)
+    blocks = list(model.blocks)
     adapters = nn.ModuleDict(build_adapters(config, features, depth))
     for p in model.parameters():
         p.requires_grad_(False)
