@@ -11,7 +11,7 @@ device).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,7 +28,10 @@ class SizeKnob:
         return getattr(config, self.field)
 
     def sized(self, config: Any, value: int) -> Any:
-        """``config`` with the knob at ``value``, every other field as it was."""
+        """``config`` with the knob at ``value``, every other field as it was; ``config`` may also be its
+        saved form, a mapping (as the CLI saves a model's hyper-parameters)."""
+        if isinstance(config, Mapping):
+            return {**config, self.field: value}
         return replace(config, **{self.field: value})
 
 

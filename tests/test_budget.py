@@ -1,0 +1,215 @@
+"""Equal budgets (issue 25, item 6): one size knob per method, ``--model.budget N`` picks the knob value whose
+trainable count is closest to N (counts written here from each paper's shapes), fixed-count methods refuse a
+budget, and `sweep --budgets` / per-method grids plan their runs (issue 25, item 3)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import timm
+from tiny_vits import tiny_vit
+
+from lily_lightning import UsageError, count_parameters, inject
+from lily_lightning.adapters import SIZE_KNOBS, fit_budget
+from lily_lightning.cli import main
+from lily_lightning.studies.grid import Study, parse_grid
+from lily_lightning.training.module import ViTClassifier, adapter_config
+from lily_lightning.vit.budget import sized_to_budget
+
+# tiny_vit(): width 48, 4 blocks, MLP hidden 96, 8x8 patches.
+WIDTH, DEPTH, HIDDEN = 48, 4, 96
+EXPERTS = 4  # Lily's default E; its LPs are shared by depth // E blocks
+
+
+def hand_count(method: str, size: int, d: int = WIDTH, depth: int = DEPTH, hidden: int = HIDDEN) -> int:
+    """Trainable parameters of ``method`` at knob value ``size``, from each paper's shapes."""
+    lora = depth * 2 * (d * size + size * d)  # q and v: A (d x r) and B (r x d) per block
+    bottleneck = depth * (d * size + size + size * d + d)  # down and up, both with bias, per block
+    if method == "lora":
+        return lora
+    if method == "dora":
+        return lora + depth * 2 * d  # + a magnitude per output channel of q and v
+    if method == "fact_tt":
+        # U (d x r) and V (r x d) shared; per block r x r cores on q, k, v, proj, (h/d) r x r on fc1 and fc2.
+        return 2 * d * size + depth * (4 + 2 * hidden // d) * size * size
+    if method in ("adapter", "adaptformer"):
+        return bottleneck
+    if method == "vpt_shallow":
+        return size * d
+    if method == "vpt_deep":
+        return depth * size * d
+    assert method == "lily"
+    lps = math.ceil(depth / (depth // EXPERTS))
+    # k, v at rank r and the whole MLP at 2r: LPs (d -> r), a router per block (r -> E), E HP experts (r x d).
+    return sum(lps * d * r + depth * r * EXPERTS + EXPERTS * r * d for r in (size, size, 2 * size))
+
+
+def closest(method: str, budget: int, **shape: int) -> int:
+    """The knob value whose hand count is closest to ``budget``, ties to the smaller: searched one by one."""
+    return min(range(1, 3000), key=lambda size: (abs(hand_count(method, size, **shape) - budget), size))
+
+
+def defaults(method: str):
+    return adapter_config(method, {name: p.default for name, p in _init_parameters().items()})
+
+
+def _init_parameters():
+    import inspect
+
+    return inspect.signature(ViTClassifier).parameters
+
+
+@pytest.mark.parametrize("method", list(SIZE_KNOBS))
+@pytest.mark.parametrize("budget", [5_000, 31_000])
+def test_the_budget_picks_the_closest_count_of_the_backbone_in_use(method: str, budget: int) -> None:
+    backbone = tiny_vit()
+    config, value, count = sized_to_budget(backbone, method, defaults(method), budget)
+    assert value == closest(method, budget)
+    assert count == hand_count(method, value)
+    assert getattr(config, SIZE_KNOBS[method].field) == value
+    # The count the injected model really has (not built on the meta device) is the one promised.
+    assert count_parameters(inject(copy.deepcopy(backbone), config)) == count
+
+
+def test_the_search_takes_the_smaller_on_a_tie_and_stops_at_one() -> None:
+    def tens(value: int) -> int:
+        return 10 * value
+
+    assert fit_budget(25, tens) == (2, 20)  # 20 and 30 are as close: the smaller
+    assert fit_budget(26, tens) == (3, 30)
+    assert fit_budget(3, tens) == (1, 10)  # below the smallest size: the smallest
+    assert fit_budget(123_456, tens) == (12_346, 123_460)
+    with pytest.raises(UsageError, match="positive"):
+        fit_budget(0, tens)
+    with pytest.raises(ValueError, match="does not grow"):
+        fit_budget(100, lambda value: 7)
+
+
+def tiny_classifier(**kwargs) -> ViTClassifier:
+    return ViTClassifier("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3, **kwargs)
+
+
+def test_the_model_sizes_its_method_says_so_and_records_the_value(caplog: pytest.LogCaptureFixture) -> None:
+    # vit_tiny: width 192, 12 blocks; LoRA on q, v: 2 * 12 * 2 * 192 = 9,216 per rank. 50,000 lies between
+    # rank 5 (46,080; 3,920 short) and rank 6 (55,296; 5,296 over): rank 5, whatever the config's rank.
+    with caplog.at_level(logging.INFO, logger="lily_lightning"):
+        model = tiny_classifier(method="lora", budget=50_000)
+    assert "budget 50,000: lora rank 5 -> 46,080 adapter parameters" in caplog.text
+    assert model.adapter_parameters == 46_080
+    assert model.hparams.budget == 50_000 and model.hparams.lora.rank == 5  # checkpoints hold the value
+    assert model.size == {"lora.rank": 5}
+    assert tiny_classifier(method="vpt_deep").size == {"vpt.length": 10}  # no budget: the config's own
+
+
+def test_methods_with_a_fixed_count_refuse_a_budget_naming_it() -> None:
+    d, depth = 192, 12  # vit_tiny
+    full = sum(
+        p.numel() for p in timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).parameters()
+    )
+    fixed = {
+        # per block: norm1, qkv (3d), proj, norm2, fc1 (4d), fc2 biases; then the patch embedding and final norm
+        "bitfit": depth * 11 * d + 2 * d,
+        # a scale and a shift after norm1, qkv, proj, norm2, fc1, fc2; after the patch embedding and final norm
+        "ssf": depth * 2 * 11 * d + 2 * 2 * d,
+        "linear_probe": 0,
+        "full": full,
+    }
+    for method, count in fixed.items():
+        with pytest.raises(UsageError) as refused:
+            tiny_classifier(method=method, budget=10_000)
+        assert f"method {method} has no size knob, it trains a fixed {count:,} parameters" in str(refused.value)
+
+
+def study(methods: list[str], grid: list[str], budgets: list[int] | None, select_on: str | None = None) -> Study:
+    return Study(Path("runs"), lambda task, method: [], [], ["alpha"], methods, [0], parse_grid(grid), select_on,
+                 budgets)  # fmt: skip
+
+
+def planned(specs) -> list[tuple[str, str | None]]:
+    """(run folder, --model.budget) of each planned run."""
+    return [(s.run_dir.as_posix(), dict(zip(s.args, s.args[1:])).get("--model.budget")) for s in specs]
+
+
+def test_budgets_plan_each_sized_method_per_budget_and_fixed_ones_once() -> None:
+    plan = study(["lora", "bitfit"], ["model.lr=1e-3,1e-2"], [1000, 4000])
+    plan.check()
+    specs = plan.training_specs()
+    assert planned(specs) == [
+        ("runs/alpha/lora/budget=1000/lr=1e-3/seed0", "1000"),
+        ("runs/alpha/lora/budget=1000/lr=1e-2/seed0", "1000"),
+        ("runs/alpha/lora/budget=4000/lr=1e-3/seed0", "4000"),
+        ("runs/alpha/lora/budget=4000/lr=1e-2/seed0", "4000"),
+        ("runs/alpha/bitfit/lr=1e-3/seed0", None),
+        ("runs/alpha/bitfit/lr=1e-2/seed0", None),
+    ]
+    # What a run means keeps the budgets apart; the same study planned again is the same runs.
+    assert specs[0].resolved["model.budget"] == 1000 and specs[2].resolved["model.budget"] == 4000
+    again = study(["lora", "bitfit"], ["model.lr=1e-3,1e-2"], [1000, 4000]).training_specs()
+    assert [(s.run_dir, s.resolved) for s in again] == [(s.run_dir, s.resolved) for s in specs]
+    assert specs[0].name == "alpha lora budget=1000 seed0 lr=1e-3"
+
+
+def test_a_methods_own_grid_varies_only_its_runs_and_selects_per_method_and_budget() -> None:
+    plan = study(["lily", "vpt_deep"], ["model.vpt.length=1,10,50", "model.lily.scale=1,10"], None, "val")
+    plan.check()
+    assert planned(plan.selection_specs()) == [
+        ("runs/alpha/lily/select/lily.scale=1/seed0", None),
+        ("runs/alpha/lily/select/lily.scale=10/seed0", None),
+        ("runs/alpha/vpt_deep/select/vpt.length=1/seed0", None),
+        ("runs/alpha/vpt_deep/select/vpt.length=10/seed0", None),
+        ("runs/alpha/vpt_deep/select/vpt.length=50/seed0", None),
+    ]
+    sized = study(["adaptformer"], ["model.adaptformer.scale=0.1,1"], [500], "val")
+    assert planned(sized.selection_specs()) == [
+        ("runs/alpha/adaptformer/budget=500/select/adaptformer.scale=0.1/seed0", "500"),
+        ("runs/alpha/adaptformer/budget=500/select/adaptformer.scale=1/seed0", "500"),
+    ]
+    choice = {"point": {"model.adaptformer.scale": "1"}}
+    assert planned(sized.final_specs("alpha", "adaptformer", 500, choice)) == [
+        ("runs/alpha/adaptformer/budget=500/seed0", "500")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("methods", "grid", "budgets", "message"),
+    [
+        (["lily", "lora"], ["model.vpt.length=1,10"], None, "a setting of vpt_shallow, vpt_deep only"),
+        (["bitfit", "ssf"], [], [1000], "--methods bitfit ssf train a fixed count"),
+        (["lora", "lily"], ["model.lora.rank=4,8"], [1000], "--budgets sets lora's rank"),
+        (["lora"], ["model.budget=10,20"], None, "use --budgets"),
+        (["lora"], [], [0], "positive parameter count"),
+    ],
+)
+def test_plans_no_run_can_follow_are_refused_in_one_message(methods, grid, budgets, message) -> None:
+    with pytest.raises(UsageError, match=message):
+        study(methods, grid, budgets).check()
+
+
+def test_sweep_takes_every_method_name_and_refuses_an_unknown_one(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("trainer: {max_epochs: 1}\n")
+    args = ["sweep", "--config", str(config), "--tasks", "alpha", "--runs-dir", str(tmp_path / "runs")]
+    assert main([*args, "--methods", "lily", "lorra"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method(s) lorra" in err and "vpt_deep" in err and "Traceback" not in err
+    assert main([*args, "--methods", "bitfit", "--budgets", "1000"]) == 2
+    assert "train a fixed count" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "alpha").exists()
+
+
+def test_a_budget_run_records_its_budget_and_size_in_its_result(tmp_path: Path, data_root: Path) -> None:
+    from test_cli import tiny_run_config
+
+    config = tiny_run_config(tmp_path, data_root, epochs=1, method="lora")  # lora rank 2 in the file
+    # vit_tiny, LoRA on q, v: 9,216 per rank; 30,000 lies between rank 3 (27,648) and 4 (36,864): rank 3.
+    budget = ["--model.budget", "30000", "--trainer.limit_val_batches", "0"]
+    assert main(["fit", "--config", str(config), *budget, "--trainer.limit_train_batches", "1"]) == 0
+    assert main(["test", "--config", str(config), *budget, "--ckpt_path", "last"]) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["budget"] == 30_000 and result["size"] == {"lora.rank": 3}
+    assert result["adapter_params"] == 27_648
