@@ -5,6 +5,8 @@ budget, and `sweep --budgets` / per-method grids plan their runs (issue 25, item
 from __future__ import annotations
 
 import copy
+import inspect
+import itertools
 import json
 import logging
 import math
@@ -15,9 +17,11 @@ import timm
 from tiny_vits import tiny_vit
 
 from lily_lightning import UsageError, count_parameters, inject
-from lily_lightning.adapters import SIZE_KNOBS, fit_budget
+from lily_lightning.adapters import SIZE_KNOBS, AdapterConfig, fit_budget
 from lily_lightning.cli import main
 from lily_lightning.studies.grid import Study, parse_grid
+from lily_lightning.studies.runs import Outcome, RunSpec
+from lily_lightning.studies.sweep import Sweep
 from lily_lightning.training.module import ViTClassifier, adapter_config
 from lily_lightning.vit.budget import sized_to_budget
 
@@ -26,8 +30,9 @@ WIDTH, DEPTH, HIDDEN = 48, 4, 96
 EXPERTS = 4  # Lily's default E; its LPs are shared by depth // E blocks
 
 
-def hand_count(method: str, size: int, d: int = WIDTH, depth: int = DEPTH, hidden: int = HIDDEN) -> int:
-    """Trainable parameters of ``method`` at knob value ``size``, from each paper's shapes."""
+def hand_count(method: str, size: int) -> int:
+    """Trainable parameters of ``method`` at knob value ``size`` on tiny_vit(), from each paper's shapes."""
+    d, depth, hidden = WIDTH, DEPTH, HIDDEN
     lora = depth * 2 * (d * size + size * d)  # q and v: A (d x r) and B (r x d) per block
     bottleneck = depth * (d * size + size + size * d + d)  # down and up, both with bias, per block
     if method == "lora":
@@ -49,19 +54,15 @@ def hand_count(method: str, size: int, d: int = WIDTH, depth: int = DEPTH, hidde
     return sum(lps * d * r + depth * r * EXPERTS + EXPERTS * r * d for r in (size, size, 2 * size))
 
 
-def closest(method: str, budget: int, **shape: int) -> int:
+def closest(method: str, budget: int) -> int:
     """The knob value whose hand count is closest to ``budget``, ties to the smaller: searched one by one."""
-    return min(range(1, 3000), key=lambda size: (abs(hand_count(method, size, **shape) - budget), size))
+    return min(range(1, 3000), key=lambda size: (abs(hand_count(method, size) - budget), size))
 
 
-def defaults(method: str):
-    return adapter_config(method, {name: p.default for name, p in _init_parameters().items()})
-
-
-def _init_parameters():
-    import inspect
-
-    return inspect.signature(ViTClassifier).parameters
+def defaults(method: str) -> AdapterConfig:
+    """The config ``method`` injects with the model's default settings."""
+    settings = {name: p.default for name, p in inspect.signature(ViTClassifier).parameters.items()}
+    return adapter_config(method, settings)
 
 
 @pytest.mark.parametrize("method", list(SIZE_KNOBS))
@@ -112,9 +113,9 @@ def test_methods_with_a_fixed_count_refuse_a_budget_naming_it() -> None:
         p.numel() for p in timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).parameters()
     )
     fixed = {
-        # per block: norm1, qkv (3d), proj, norm2, fc1 (4d), fc2 biases; then the patch embedding and final norm
+        # per block: norm1, qkv (3d), proj, norm2, fc1 (4d), fc2 biases; the patch embedding and final norm
         "bitfit": depth * 11 * d + 2 * d,
-        # a scale and a shift after norm1, qkv, proj, norm2, fc1, fc2; after the patch embedding and final norm
+        # a scale and a shift after norm1, qkv, proj, norm2, fc1, fc2, the patch embedding and the final norm
         "ssf": depth * 2 * 11 * d + 2 * 2 * d,
         "linear_probe": 0,
         "full": full,
@@ -122,17 +123,21 @@ def test_methods_with_a_fixed_count_refuse_a_budget_naming_it() -> None:
     for method, count in fixed.items():
         with pytest.raises(UsageError) as refused:
             tiny_classifier(method=method, budget=10_000)
-        assert f"method {method} has no size knob, it trains a fixed {count:,} parameters" in str(refused.value)
+        assert f"method {method} has no size knob, it trains a fixed {count:,} parameters" in str(
+            refused.value
+        )
 
 
-def study(methods: list[str], grid: list[str], budgets: list[int] | None, select_on: str | None = None) -> Study:
-    return Study(Path("runs"), lambda task, method: [], [], ["alpha"], methods, [0], parse_grid(grid), select_on,
-                 budgets)  # fmt: skip
+def study(
+    methods: list[str], grid: list[str], budgets: list[int] | None, select_on: str | None = None
+) -> Study:
+    axes = parse_grid(grid)
+    return Study(Path("runs"), lambda task, method: [], [], ["alpha"], methods, [0], axes, select_on, budgets)
 
 
 def planned(specs) -> list[tuple[str, str | None]]:
     """(run folder, --model.budget) of each planned run."""
-    return [(s.run_dir.as_posix(), dict(zip(s.args, s.args[1:])).get("--model.budget")) for s in specs]
+    return [(s.run_dir.as_posix(), dict(itertools.pairwise(s.args)).get("--model.budget")) for s in specs]
 
 
 def test_budgets_plan_each_sized_method_per_budget_and_fixed_ones_once() -> None:
@@ -213,3 +218,45 @@ def test_a_budget_run_records_its_budget_and_size_in_its_result(tmp_path: Path, 
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["budget"] == 30_000 and result["size"] == {"lora.rank": 3}
     assert result["adapter_params"] == 27_648
+
+
+class InstantLauncher:
+    """Stands in for the local launcher: each run 'finishes' at once, writing what `validate` / `test` would;
+    on validation, scale 1 wins at budget 500 and scale 0.1 at budget 2000."""
+
+    def __init__(self) -> None:
+        self.launched: list[RunSpec] = []
+
+    def launch(self, jobs) -> list[Outcome]:
+        for spec, _ in jobs:
+            self.launched.append(spec)
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+            if spec.evaluate == "validate":
+                wins = spec.point.get("model.adaptformer.scale") == ("1" if spec.budget == 500 else "0.1")
+                record = {"task": spec.task, "val_top1": 0.9 if wins else 0.5}
+                (spec.run_dir / "validation.json").write_text(json.dumps(record))
+            else:
+                record = {"task": spec.task, "top1": 0.7, "trainable_params": 10, "head_params": 2}
+                (spec.run_dir / "result.json").write_text(json.dumps(record))
+        return [Outcome(spec.name, "done", "") for spec, _ in jobs]
+
+
+def test_selection_chooses_per_budget_and_a_rerun_launches_nothing(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    plan = study(["adaptformer", "ssf"], ["model.adaptformer.scale=0.1,1"], [500, 2000], "val")
+    launcher = InstantLauncher()
+    Sweep(plan, launcher, rerun=False).run()
+    finals = {s.run_dir.as_posix(): s.selection["variant"] for s in launcher.launched if s.selection}
+    assert finals == {
+        "runs/alpha/adaptformer/budget=500/seed0": "adaptformer.scale=1",
+        "runs/alpha/adaptformer/budget=2000/seed0": "adaptformer.scale=0.1",
+        "runs/alpha/ssf/seed0": "",  # SSF has no grid axis of its own and no knob: one point, once
+    }
+    assert "alpha ssf: chose its one point (validation top-1 0.5000)" in capsys.readouterr().out
+    rerun = InstantLauncher()
+    Sweep(
+        study(["adaptformer", "ssf"], ["model.adaptformer.scale=0.1,1"], [500, 2000], "val"), rerun, False
+    ).run()
+    assert rerun.launched == []

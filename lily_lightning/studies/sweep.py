@@ -150,8 +150,8 @@ class Sweep:
                 self.say(f"{cell}: no final runs: {choice}{again}")
                 outcomes.append(Outcome(f"{cell} final", status, choice))
                 continue
-            others = ", ".join(
-                f"{v}: {m:.4f}" for v, m in choice["candidates"].items() if v != choice["variant"]
+            others = "".join(
+                f"; {v}: {m:.4f}" for v, m in choice["candidates"].items() if v != choice["variant"]
             )
             tie = (
                 f"; tied with {', '.join(choice['tied_with'])}: the first in grid order is taken"
@@ -159,8 +159,8 @@ class Sweep:
                 else ""
             )
             self.say(
-                f"{cell}: chose {choice['variant']} (validation top-1 {choice['val_top1']:.4f}; "
-                f"{others}){tie}"
+                f"{cell}: chose {choice['variant'] or 'its one point'} (validation top-1 "
+                f"{choice['val_top1']:.4f}{others}){tie}"
             )
             finals += study.final_specs(task, method, budget, choice)
         return self.summary(outcomes + self.stage("final runs (chosen point, full split, test)", finals))
