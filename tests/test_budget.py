@@ -103,6 +103,7 @@ def test_the_model_sizes_its_method_says_so_and_records_the_value(caplog: pytest
     assert "budget 50,000: lora rank 5 -> 46,080 adapter parameters" in caplog.text
     assert model.adapter_parameters == 46_080
     assert model.hparams.budget == 50_000 and model.hparams.lora.rank == 5  # checkpoints hold the value
+    assert model.hparams_initial.lora.rank == 5  # and so does hparams.yaml
     assert model.size == {"lora.rank": 5}
     assert tiny_classifier(method="vpt_deep").size == {"vpt.length": 10}  # no budget: the config's own
 
@@ -215,6 +216,7 @@ def test_a_budget_run_records_its_budget_and_size_in_its_result(tmp_path: Path, 
     budget = ["--model.budget", "30000", "--trainer.limit_val_batches", "0"]
     assert main(["fit", "--config", str(config), *budget, "--trainer.limit_train_batches", "1"]) == 0
     assert main(["test", "--config", str(config), *budget, "--ckpt_path", "last"]) == 0
+    assert "  rank: 3\n" in next((tmp_path / "run" / "csv").glob("version_*/hparams.yaml")).read_text()
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["budget"] == 30_000 and result["size"] == {"lora.rank": 3}
     assert result["adapter_params"] == 27_648

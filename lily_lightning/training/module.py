@@ -298,6 +298,8 @@ class ViTClassifier(L.LightningModule):
         config, value, count = sized_to_budget(self.model, self.method, config, budget)
         knob, setting = SIZE_KNOBS[self.method], METHOD_SETTINGS[self.method]
         self.hparams[setting] = knob.sized(self.hparams[setting], value)
+        # hparams.yaml is written from Lightning's frozen copy of the arguments (hparams_initial): set it too.
+        self._hparams_initial[setting] = knob.sized(self._hparams_initial[setting], value)
         log.info(
             "budget %s: %s %s %d -> %s adapter parameters",
             f"{budget:,}",
