@@ -19,6 +19,7 @@ from tiny_vits import tiny_vit
 from lily_lightning import UsageError, count_parameters, inject
 from lily_lightning.adapters import SIZE_KNOBS, AdapterConfig, fit_budget
 from lily_lightning.cli import main
+from lily_lightning.studies import sweep as sweep_module
 from lily_lightning.studies.grid import Study, parse_grid
 from lily_lightning.studies.runs import Outcome, RunSpec
 from lily_lightning.studies.sweep import Sweep
@@ -196,7 +197,9 @@ def test_plans_no_run_can_follow_are_refused_in_one_message(methods, grid, budge
         study(methods, grid, budgets).check()
 
 
-def test_sweep_takes_every_method_name_and_refuses_an_unknown_one(tmp_path: Path, capsys) -> None:
+def test_sweep_takes_every_method_name_and_refuses_an_unknown_one(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("trainer: {max_epochs: 1}\n")
     args = ["sweep", "--config", str(config), "--tasks", "alpha", "--runs-dir", str(tmp_path / "runs")]
@@ -206,6 +209,14 @@ def test_sweep_takes_every_method_name_and_refuses_an_unknown_one(tmp_path: Path
     assert main([*args, "--methods", "bitfit", "--budgets", "1000"]) == 2
     assert "train a fixed count" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "alpha").exists()
+
+    # A mix through the command line (runs 'finish' at once): the plan says bitfit runs once.
+    launcher = InstantLauncher()
+    monkeypatch.setattr(sweep_module, "LocalLauncher", lambda *_: launcher)
+    assert main([*args, "--methods", "lora", "bitfit", "--budgets", "1000", "2000"]) == 0
+    assert "sweep: bitfit: a fixed parameter count, run once, not per budget" in capsys.readouterr().out
+    runs = [spec.run_dir.relative_to(tmp_path / "runs").as_posix() for spec in launcher.launched]
+    assert runs == ["alpha/lora/budget=1000", "alpha/lora/budget=2000", "alpha/bitfit"]
 
 
 def test_a_budget_run_records_its_budget_and_size_in_its_result(tmp_path: Path, data_root: Path) -> None:

@@ -25,11 +25,12 @@ class SizeKnob:
     field: str
 
     def value(self, config: Any) -> int:
-        return getattr(config, self.field)
+        """The knob's value in ``config`` (a config, or its saved form: a mapping, as the CLI saves a model's
+        hyper-parameters)."""
+        return config[self.field] if isinstance(config, Mapping) else getattr(config, self.field)
 
     def sized(self, config: Any, value: int) -> Any:
-        """``config`` with the knob at ``value``, every other field as it was; ``config`` may also be its
-        saved form, a mapping (as the CLI saves a model's hyper-parameters)."""
+        """``config`` (or its saved form) with the knob at ``value``, every other field as it was."""
         if isinstance(config, Mapping):
             return {**config, self.field: value}
         return replace(config, **{self.field: value})
