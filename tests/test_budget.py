@@ -226,6 +226,9 @@ def test_a_budget_run_records_its_budget_and_size_in_its_result(tmp_path: Path, 
     # vit_tiny, LoRA on q, v: 9,216 per rank; 30,000 lies between rank 3 (27,648) and 4 (36,864): rank 3.
     budget = ["--model.budget", "30000", "--trainer.limit_val_batches", "0"]
     assert main(["fit", "--config", str(config), *budget, "--trainer.limit_train_batches", "1"]) == 0
+    # Resumed as a sweep resumes (the checkpoint's path): the file's rank 2 is the budget's to replace.
+    last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert main(["fit", "--config", str(config), *budget, "--ckpt_path", last]) == 0
     assert main(["test", "--config", str(config), *budget, "--ckpt_path", "last"]) == 0
     assert "  rank: 3\n" in next((tmp_path / "run" / "csv").glob("version_*/hparams.yaml")).read_text()
     result = json.loads((tmp_path / "run" / "result.json").read_text())

@@ -20,7 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from ..adapters import METHOD_SETTINGS
+from ..adapters import METHOD_SETTINGS, SIZE_KNOBS
 from ..errors import UsageError
 from ..files import write_atomically
 from ..paths import resolve_path, shown_path
@@ -232,16 +232,30 @@ def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+def _differences(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    keys: Iterable[str],
+    ignore: frozenset[str] = frozenset(),
+) -> list[str]:
     """``"model.lily.rank: checkpoint has 4, config says 8"`` for each setting under ``keys`` that differs
-    (evaluation settings aside); a setting missing on either side is not compared."""
+    (evaluation settings and ``ignore`` aside); a setting missing on either side is not compared."""
     saved_flat = flat_settings({k: saved[k] for k in keys if k in saved})
     current_flat = flat_settings({k: current[k] for k in keys if k in current})
     return [
         f"model.{key}: checkpoint has {saved_flat[key]}, config says {current_flat[key]}"
-        for key in sorted(saved_flat.keys() & current_flat.keys() - EVALUATION_SETTINGS)
+        for key in sorted(saved_flat.keys() & current_flat.keys() - EVALUATION_SETTINGS - ignore)
         if saved_flat[key] != current_flat[key]
     ]
+
+
+def budget_sized(settings: Mapping[str, Any]) -> frozenset[str]:
+    """The knob a budget sets (``{"lora.rank"}``) when ``settings`` give one: the configs' value of it is
+    replaced by the budget's (and the checkpoint records that), so it is no difference of its own."""
+    method = str(settings.get("method"))
+    if settings.get("budget") is None or method not in SIZE_KNOBS:
+        return frozenset()
+    return frozenset({f"{METHOD_SETTINGS[method]}.{SIZE_KNOBS[method].field}"})
 
 
 def mismatched_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -260,7 +274,8 @@ def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping
     method = str(current.get("method", saved.get("method")))
     # The other method's config is unused; class names come from the data and check_fits compares them.
     skipped = set(_ADAPTER_SETTINGS.values()) - {_ADAPTER_SETTINGS.get(method)} | {"class_names"}
-    differences = _differences(saved, current, [key for key in current if key not in skipped])
+    keys = [key for key in current if key not in skipped]
+    differences = _differences(saved, current, keys, budget_sized(current))
     if differences:
         raise UsageError(
             f"`fit --ckpt_path` would resume {path} with other settings than it was trained with:\n  "
