@@ -71,8 +71,8 @@ def parse_grid(items: Sequence[str]) -> list[GridAxis]:
 def owning_methods(key: str) -> list[str]:
     """The methods whose own setting ``key`` is under (``model.vpt.length``: vpt_shallow, vpt_deep); empty
     for a key every method has (``model.lr``)."""
-    key = key.replace(".init_args.", ".")
-    return [method for method, section in METHOD_SECTIONS.items() if key.startswith(section)]
+    setting = argument_key(f"--{key}") or key
+    return [method for method, section in METHOD_SECTIONS.items() if setting.startswith(section)]
 
 
 def method_points(axes: Sequence[GridAxis], method: str) -> list[dict[str, str]]:
@@ -168,7 +168,7 @@ class Study:
         if self.select_on is not None and not any(len(axis.values) > 1 for axis in self.axes):
             raise UsageError("--select-on val chooses among grid points: give a --grid with two or more")
         for axis in self.axes:
-            if axis.key.replace(".init_args.", ".") == BUDGET_KEY:
+            if argument_key(f"--{axis.key}") == BUDGET_KEY:
                 raise UsageError(
                     f"--grid {axis.key}: use --budgets N1 N2 ...: a budget sizes the methods with a size "
                     "knob, and runs the others once"
@@ -195,7 +195,7 @@ class Study:
             raise UsageError(f"--budgets {' '.join(map(str, bad))}: a budget is a positive parameter count")
         knobs = {f"{METHOD_SECTIONS[method]}{SIZE_KNOBS[method].field}": method for method in sized}
         for axis in self.axes:
-            if (key := axis.key.replace(".init_args.", ".")) in knobs:
+            if (key := argument_key(f"--{axis.key}")) in knobs:
                 raise UsageError(
                     f"--grid {axis.key}: --budgets sets {knobs[key]}'s {SIZE_KNOBS[knobs[key]].field} to "
                     "meet each budget; grid it in a sweep without --budgets, or leave the axis out"
