@@ -248,3 +248,13 @@ def test_bar_chart_error_bars_span_the_spread() -> None:
     (error_bar,) = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
     (segment,) = error_bar.lines[2][0].get_segments()
     assert [y for _, y in segment] == pytest.approx([70.0, 74.0])
+
+
+def test_methods_table_sums_up_vtab_by_the_19_task_mean(report) -> None:
+    markdown, _, _ = report
+    methods = markdown_rows(markdown, "Methods: VTAB-1k")
+    assert methods["lily"]["top-1: Mean (19 tasks)"] == "64.3"  # 12.22 / 19, as the table's mean column
+    assert methods["lily"]["trainable params (head excluded)"] == "792,576"
+    # LoRA misses svhn: no 19-task mean, so no paired difference there either
+    assert methods["lora"]["top-1: Mean (19 tasks)"] == methods["lora"]["lily - method (paired seeds)"] == "-"
+    assert "![accuracy vs trainable parameters](accuracy_vs_params.png)" in markdown  # Lily has all 19
