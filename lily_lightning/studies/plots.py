@@ -1,4 +1,5 @@
-"""The figures: learning curves, Lily's routing heatmaps, parameter counts, results bars.
+"""The figures: learning curves, Lily's routing heatmaps, parameter counts, results bars, accuracy against
+trainable parameters.
 
 Every function returns a matplotlib ``Figure`` built without pyplot (no global state, no display needed, so
 it works under the Agg backend, in scripts, in `report` and in notebooks) and writes a PNG when ``save`` is

@@ -4,9 +4,11 @@ Reads every ``result.json`` that `test` wrote under RUNS_DIR (``runs/<task>/<met
 ``results.md`` and ``results.csv`` laid out as the paper's Table 1 (VTAB-1k: 19 tasks in their three groups,
 each group's mean, the mean over the 19 tasks and the mean of the three group means) and its FGVC table
 (5 tasks and their mean), one row per run-folder name, backbone and protocol, with the trainable parameters
-in millions without the head. It also draws ``results.png`` (bars per task and row) and
-``routing_<run folder>.png`` per Lily run. A task with no run is "-" (empty in the CSV), never 0; a mean
-needs all of its tasks. Runs in ``seed<k>`` folders (or recording their seed) give mean ± std over seeds.
+in millions without the head. Every method is paired with Lily (``lily - <method>`` rows) and summed up in
+a ``Methods`` table per table (:mod:`.field`). It also draws ``results.png`` (bars per task and row),
+``accuracy_vs_params.png`` and ``routing_<run folder>.png`` per Lily run. A task with no run is "-" (empty in
+the CSV), never 0; a mean needs all of its tasks. Runs in ``seed<k>`` folders (or recording their seed) give
+mean ± std over seeds.
 """
 
 from __future__ import annotations
