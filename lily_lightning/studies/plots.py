@@ -10,6 +10,7 @@ given. In Jupyter the figure shows as a picture when it is a cell's value or pas
 from __future__ import annotations
 
 import csv
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -339,6 +340,23 @@ def budget_legend(budget: int) -> str:
     return f"budget {count_text(budget)}: sized to equal counts"
 
 
+def _label_offsets(points: Sequence[ParamPoint]) -> dict[ParamPoint, float]:
+    """Each point's label height (points above it), stepped down past the labels of points close to it
+    (within a tenth of a decade and 4% of the accuracy range), so equal-budget labels stay readable."""
+    accuracies = [p.accuracy for p in points]
+    near = 0.04 * max(max(accuracies) - min(accuracies), 0.1)
+    offsets: dict[ParamPoint, float] = {}
+    for point in sorted(points, key=lambda p: (-p.accuracy, p.params)):
+        close = [
+            other
+            for other in offsets
+            if abs(math.log10(max(other.params, 1)) - math.log10(max(point.params, 1))) < 0.1
+            and abs(other.accuracy - point.accuracy) < near
+        ]
+        offsets[point] = 4.0 - 9.0 * len(close)
+    return offsets
+
+
 def accuracy_vs_params(
     panels: Mapping[str, Sequence[ParamPoint]],
     save: Path | str | None = None,
@@ -356,6 +374,7 @@ def accuracy_vs_params(
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, points) in zip(axes, panels.items(), strict=True):
         shown: set[str] = set()
+        label_offsets = _label_offsets(points)
         for point in points:
             group = None if point.budget is None else budgets.index(point.budget)
             legend = OWN_SIZE if point.budget is None else budget_legend(point.budget)
@@ -370,7 +389,7 @@ def accuracy_vs_params(
             )
             shown.add(legend)
             text = point.label if point.params else f"{point.label} (0)"
-            ax.annotate(text, (max(point.params, 1), 100 * point.accuracy), xytext=(4, 4),
+            ax.annotate(text, (max(point.params, 1), 100 * point.accuracy), xytext=(4, label_offsets[point]),
                         textcoords="offset points", fontsize=7)  # fmt: skip
         for group, budget in enumerate(budgets):
             if any(p.budget == budget for p in points):
