@@ -153,12 +153,16 @@ def test_unreadable_and_partial_results_are_named_and_left_out(tmp_path: Path, c
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--routing-batches", "0"], "--routing-batches must be at least 1"), (["--out", "FILE"], "is a file")],
+    [
+        (["--routing-batches", "0"], "--routing-batches must be at least 1"),
+        (["--out", "FILE"], "is a file"),
+        (["--figure", "runs"], "is a folder; give the PNG file"),
+    ],
 )
 def test_report_options_that_cannot_work_are_one_message(tmp_path: Path, capsys, extra, message) -> None:
     fake_run(tmp_path / "runs", "dtd", "lily", 0.8, 47)
     (tmp_path / "FILE").write_text("my notes")
-    extra = [str(tmp_path / "FILE") if arg == "FILE" else arg for arg in extra]
+    extra = [str(tmp_path / arg) if arg in ("FILE", "runs") else arg for arg in extra]
     assert main(["report", str(tmp_path / "runs"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
