@@ -153,12 +153,16 @@ def test_unreadable_and_partial_results_are_named_and_left_out(tmp_path: Path, c
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--routing-batches", "0"], "--routing-batches must be at least 1"), (["--out", "FILE"], "is a file")],
+    [
+        (["--routing-batches", "0"], "--routing-batches must be at least 1"),
+        (["--out", "FILE"], "is a file"),
+        (["--figure", "runs"], "is a folder; give the PNG file"),
+    ],
 )
 def test_report_options_that_cannot_work_are_one_message(tmp_path: Path, capsys, extra, message) -> None:
     fake_run(tmp_path / "runs", "dtd", "lily", 0.8, 47)
     (tmp_path / "FILE").write_text("my notes")
-    extra = [str(tmp_path / "FILE") if arg == "FILE" else arg for arg in extra]
+    extra = [str(tmp_path / arg) if arg in ("FILE", "runs") else arg for arg in extra]
     assert main(["report", str(tmp_path / "runs"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -248,3 +252,13 @@ def test_bar_chart_error_bars_span_the_spread() -> None:
     (error_bar,) = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
     (segment,) = error_bar.lines[2][0].get_segments()
     assert [y for _, y in segment] == pytest.approx([70.0, 74.0])
+
+
+def test_methods_table_sums_up_vtab_by_the_19_task_mean(report) -> None:
+    markdown, _, _ = report
+    methods = markdown_rows(markdown, "Methods: VTAB-1k")
+    assert methods["lily"]["top-1: Mean (19 tasks)"] == "64.3"  # 12.22 / 19, as the table's mean column
+    assert methods["lily"]["trainable params (head excluded)"] == "792,576"
+    # LoRA misses svhn: no 19-task mean, so no paired difference there either
+    assert methods["lora"]["top-1: Mean (19 tasks)"] == methods["lora"]["lily - method (paired seeds)"] == "-"
+    assert "![accuracy vs trainable parameters](accuracy_vs_params.png)" in markdown  # Lily has all 19

@@ -1,4 +1,5 @@
-"""The figures: learning curves, Lily's routing heatmaps, parameter counts, results bars.
+"""The figures: learning curves, Lily's routing heatmaps, parameter counts, results bars, accuracy against
+trainable parameters.
 
 Every function returns a matplotlib ``Figure`` built without pyplot (no global state, no display needed, so
 it works under the Agg backend, in scripts, in `report` and in notebooks) and writes a PNG when ``save`` is
@@ -9,9 +10,11 @@ given. In Jupyter the figure shows as a picture when it is a cell's value or pas
 from __future__ import annotations
 
 import csv
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -304,4 +307,101 @@ def results_bar_chart(
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    return _finish(fig, save)
+
+
+# -- the field: accuracy against size ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamPoint:
+    """One method (or one variant of it) in :func:`accuracy_vs_params`."""
+
+    label: str
+    params: int  # trainable parameters, head excluded
+    accuracy: float  # mean top-1 in [0, 1]
+    spread: float | None  # its sample std over seeds (None: one seed)
+    budget: int | None = None  # the trainable-parameter budget it was sized to (None: its method's own size)
+
+
+def count_text(count: int) -> str:
+    """A parameter count in short: ``400k``, ``1.2M``, ``950``."""
+    for size, suffix in ((1_000_000, "M"), (1_000, "k")):
+        if count >= size:
+            return f"{count / size:.3g}{suffix}"
+    return str(count)
+
+
+BUDGET_MARKERS = "s^Dvph"  # one per budget; circles are the methods at their own size
+OWN_SIZE = "own default size"
+
+
+def budget_legend(budget: int) -> str:
+    return f"budget {count_text(budget)}: sized to equal counts"
+
+
+def _label_offsets(points: Sequence[ParamPoint]) -> dict[ParamPoint, float]:
+    """Each point's label height (points above it), stepped down past the labels of points close to it
+    (within a tenth of a decade and 4% of the accuracy range), so equal-budget labels stay readable."""
+    accuracies = [p.accuracy for p in points]
+    near = 0.04 * max(max(accuracies) - min(accuracies), 0.1)
+    offsets: dict[ParamPoint, float] = {}
+    for point in sorted(points, key=lambda p: (-p.accuracy, p.params)):
+        close = [
+            other
+            for other in offsets
+            if abs(math.log10(max(other.params, 1)) - math.log10(max(point.params, 1))) < 0.1
+            and abs(other.accuracy - point.accuracy) < near
+        ]
+        offsets[point] = 4.0 - 9.0 * len(close)
+    return offsets
+
+
+def accuracy_vs_params(
+    panels: Mapping[str, Sequence[ParamPoint]],
+    save: Path | str | None = None,
+    title: str = "Accuracy against trainable parameters",
+) -> Figure:
+    """Mean top-1 against trainable parameters (head excluded, log x), one labelled point per method with its
+    spread over seeds as error bar; one panel per ``{panel title: points}``.
+
+    Points sized to one budget (``--model.budget``) share a colour and a marker and stand by a dotted vertical
+    line labelled ``budget 400k``; points at their method's own size are grey circles. A method that trains
+    nothing but the head (a linear probe) has no place on a log axis: it is drawn at 1, its label saying 0.
+    """
+    budgets = sorted({p.budget for points in panels.values() for p in points if p.budget is not None})
+    fig = InlineFigure(figsize=(1.0 + 6.0 * len(panels), 4.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, points) in zip(axes, panels.items(), strict=True):
+        shown: set[str] = set()
+        label_offsets = _label_offsets(points)
+        for point in points:
+            group = None if point.budget is None else budgets.index(point.budget)
+            legend = OWN_SIZE if point.budget is None else budget_legend(point.budget)
+            ax.errorbar(
+                [max(point.params, 1)],
+                [100 * point.accuracy],
+                yerr=None if point.spread is None else [100 * point.spread],
+                fmt="o" if group is None else BUDGET_MARKERS[group % len(BUDGET_MARKERS)],
+                color="0.35" if group is None else f"C{group}",
+                capsize=3,
+                label="_nolegend_" if legend in shown else legend,
+            )
+            shown.add(legend)
+            text = point.label if point.params else f"{point.label} (0)"
+            ax.annotate(text, (max(point.params, 1), 100 * point.accuracy), xytext=(4, label_offsets[point]),
+                        textcoords="offset points", fontsize=7)  # fmt: skip
+        for group, budget in enumerate(budgets):
+            if any(p.budget == budget for p in points):
+                colour = f"C{group}"
+                ax.axvline(budget, color=colour, ls=":", lw=1)
+                ax.text(budget, 0.99, f"budget {count_text(budget)}", transform=ax.get_xaxis_transform(),
+                        rotation=90, ha="right", va="top", fontsize=7, color=colour)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (head excluded, log scale)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     return _finish(fig, save)

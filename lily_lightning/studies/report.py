@@ -4,9 +4,11 @@ Reads every ``result.json`` that `test` wrote under RUNS_DIR (``runs/<task>/<met
 ``results.md`` and ``results.csv`` laid out as the paper's Table 1 (VTAB-1k: 19 tasks in their three groups,
 each group's mean, the mean over the 19 tasks and the mean of the three group means) and its FGVC table
 (5 tasks and their mean), one row per run-folder name, backbone and protocol, with the trainable parameters
-in millions without the head. It also draws ``results.png`` (bars per task and row) and
-``routing_<run folder>.png`` per Lily run. A task with no run is "-" (empty in the CSV), never 0; a mean
-needs all of its tasks. Runs in ``seed<k>`` folders (or recording their seed) give mean ± std over seeds.
+in millions without the head. Every method is paired with Lily (``lily - <method>`` rows) and summed up in
+a ``Methods`` table per table (:mod:`.field`). It also draws ``results.png`` (bars per task and row),
+``accuracy_vs_params.png`` and ``routing_<run folder>.png`` per Lily run. A task with no run is "-" (empty in
+the CSV), never 0; a mean needs all of its tasks. Runs in ``seed<k>`` folders (or recording their seed) give
+mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -14,127 +16,30 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-import itertools
 import json
 import math
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.figure import Figure
 
-from ..data.tasks import FGVC_TASKS, VTAB_GROUPS, VTAB_TASKS, canonical_task, vtab_group_means
+from ..data.tasks import FGVC_TASKS, VTAB_TASKS, canonical_task
 from ..errors import UsageError
+from ..figures import DPI
 from ..training.results import RunResult, collect_results
+from .field import budget_note, figure_points, methods_table, paired_differences, summary_column
 from .grid import STUDY_FILE
-from .plots import results_bar_chart, routing_heatmap, routing_weights_from_checkpoint
+from .plots import accuracy_vs_params, results_bar_chart, routing_heatmap, routing_weights_from_checkpoint
 from .runs import recorded_settings
 from .settings import SEED_KEYS, comparable, differing_keys, value_text
+from .table import DUPLICATE, FEWER, MISSING, Column, Row, Seed, cell_text, fgvc_columns, vtab_columns
 
-MISSING = "-"
-DUPLICATE = "dup"
-FEWER = " †"
 SEED_FOLDER = re.compile(r"seed(-?\d+)")
-GROUP_TITLES = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
-TASK_MEAN = "Mean (19 tasks)"
-GROUP_MEAN = "Mean (3 group means)"
-FGVC_MEAN = "FGVC mean"
-
-
-@dataclass(frozen=True)
-class Column:
-    """One table column: a task's accuracy, or a mean over ``tasks``."""
-
-    title: str
-    tasks: tuple[str, ...]
-    is_mean: bool = False
-
-
-def vtab_columns() -> list[Column]:
-    """The 19 tasks in the paper's order, each group followed by its mean, then the two overall means."""
-    columns = []
-    for group in VTAB_GROUPS:
-        names = tuple(t.name for t in VTAB_TASKS.values() if t.group == group)
-        columns += [Column(name, (name,)) for name in names]
-        columns.append(Column(GROUP_TITLES[group], names, is_mean=True))
-    every = tuple(VTAB_TASKS)
-    return [*columns, Column(TASK_MEAN, every, is_mean=True), Column(GROUP_MEAN, every, is_mean=True)]
-
-
-def fgvc_columns() -> list[Column]:
-    names = tuple(FGVC_TASKS)
-    return [*(Column(name, (name,)) for name in names), Column(FGVC_MEAN, names, is_mean=True)]
-
-
-def column_value(column: Column, accuracy: Mapping[str, float]) -> float:
-    """A task column's accuracy (0..1), or the column's mean, from one value per task of the column."""
-    values = {task: accuracy[task] for task in column.tasks}
-    if column.title == GROUP_MEAN:
-        return vtab_group_means(values)["group_mean"]
-    if column.title == TASK_MEAN:
-        return vtab_group_means(values)["task_mean"]
-    return sum(values.values()) / len(values)
-
-
-@dataclass(frozen=True)
-class Stats:
-    """A cell: mean over seeds, their sample standard deviation (None for one seed), and how many."""
-
-    mean: float
-    std: float | None
-    n: int
-
-
-def stats(values: Sequence[float]) -> Stats | None:
-    if not values:
-        return None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return Stats(mean, None, 1)
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return Stats(mean, math.sqrt(variance), len(values))
-
-
-Seed = int | None
-
-
-def seed_samples(values: Mapping[str, Mapping[Seed, float]], tasks: Sequence[str]) -> list[dict[str, float]]:
-    """One ``{task: accuracy}`` per seed that every task of ``tasks`` has; a row with one run per task (of
-    any seeds) is one sample. Empty when a task has no run: a mean needs all of its tasks."""
-    if not all(values.get(task) for task in tasks):
-        return []
-    if all(len(values[task]) == 1 for task in tasks):
-        return [{task: next(iter(values[task].values())) for task in tasks}]
-    common = set.intersection(*(set(values[task]) for task in tasks))
-    return [{task: values[task][seed] for task in tasks} for seed in sorted(common, key=str)]
-
-
-@dataclass
-class Row:
-    """One table row: runs with the same folder label, backbone and protocol; ``values[task][seed]`` is a
-    run's top-1, and ``duplicated`` the tasks where two runs claimed the same seed (left out, and named)."""
-
-    label: str
-    method: str
-    backbone: str
-    protocol: str
-    values: dict[str, dict[Seed, float]] = field(default_factory=dict)
-    params: set[int] = field(default_factory=set)
-    duplicated: set[str] = field(default_factory=set)
-    selections: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> the chosen grid point
-    difference: bool = False  # a paired Lily - LoRA row: values are differences, shown with their sign
-
-    def cell(self, column: Column) -> Stats | None:
-        return stats([column_value(column, sample) for sample in seed_samples(self.values, column.tasks)])
-
-    def params_text(self) -> str:
-        if not self.params:
-            return MISSING
-        low, high = min(self.params) / 1e6, max(self.params) / 1e6
-        return f"{low:.3f}" if low == high else f"{low:.3f}-{high:.3f}"
+ACCURACY_VS_PARAMS = "accuracy_vs_params.png"
 
 
 def run_label(result: RunResult, runs_dir: Path) -> tuple[str, Seed]:
@@ -161,10 +66,28 @@ def protocol_text(record: Mapping[str, Any]) -> str:
 RowKey = tuple[str, str, str, str]  # (folder label, method, backbone, protocol)
 
 
+def method_label(result: RunResult) -> str:
+    """The method as rows name it: result.json's ``method``, with its type when the method's own setting is
+    a typed mapping (``method: peft`` with ``peft: {peft_type: LORA}``: ``peft:lora``), read from the result
+    or else from the config the run saved, so runs of two types never share a row."""
+    method = str(result.record.get("method", "?"))
+    kind = result.record.get("peft_type") or _configured_type(result.run_dir, method)
+    return f"{method}:{str(kind).lower()}" if kind else method
+
+
+def _configured_type(run_dir: Path, method: str) -> str | None:
+    setting = ((_latest_config(run_dir) or {}).get("model") or {}).get(method)
+    return setting.get("peft_type") if isinstance(setting, dict) else None
+
+
 def row_key(result: RunResult, runs_dir: Path) -> RowKey:
+    """A run's row: its folder label (the method's name with its type when the folder is named after the
+    bare method), method, backbone and protocol."""
     record = result.record
-    label = run_label(result, runs_dir)[0]
-    return label, str(record.get("method", "?")), str(record.get("backbone", "?")), protocol_text(record)
+    label, method = run_label(result, runs_dir)[0], method_label(result)
+    if label == record.get("method"):
+        label = method
+    return label, method, str(record.get("backbone", "?")), protocol_text(record)
 
 
 def settings_apart(
@@ -248,6 +171,8 @@ def table_rows(
         claimed[(key, task, seed)] = result
         row.values.setdefault(task, {})[seed] = result.top1
         row.params.add(result.params_without_head)
+        budget = record.get("budget")  # `--model.budget N` (None: the method's own size)
+        row.budgets.add(budget if isinstance(budget, int) and not isinstance(budget, bool) else None)
         if isinstance(selection := record.get("selection"), dict):
             row.selections.setdefault(task, selection)
     found = list(rows.values())
@@ -277,45 +202,6 @@ def tables(rows: Sequence[Row]) -> list[tuple[str, list[Column]]]:
     if others:
         found.append(("Other tasks", [Column(name, (name,)) for name in others]))
     return found
-
-
-def paired_differences(rows: Sequence[Row]) -> list[Row]:
-    """A ``lily - lora`` row for each Lily row and LoRA row with one backbone and protocol: per task, the
-    difference of the two runs of each seed both have (one run each: that pair), so the spread shown is
-    the spread of paired differences over seeds."""
-    found = []
-    for lily, lora in itertools.product(rows, rows):
-        if (lily.method, lora.method) != ("lily", "lora") or (lily.backbone, lily.protocol) != (
-            lora.backbone,
-            lora.protocol,
-        ):
-            continue
-        difference = Row(f"{lily.label} - {lora.label}", "lily - lora", lily.backbone, lily.protocol)
-        difference.difference = True
-        for task in lily.values.keys() & lora.values.keys():
-            mine, theirs = lily.values[task], lora.values[task]
-            if len(mine) == len(theirs) == 1 and mine.keys() != theirs.keys():
-                pairs = {None: (next(iter(mine.values())), next(iter(theirs.values())))}
-            else:
-                pairs = {seed: (mine[seed], theirs[seed]) for seed in mine.keys() & theirs.keys()}
-            if pairs:
-                difference.values[task] = {seed: a - b for seed, (a, b) in pairs.items()}
-        found.append(difference)
-    return found
-
-
-def cell_text(row: Row, column: Column, seeds: int) -> str:
-    """``72.9``, ``72.9 ± 0.4 (n=3)`` (``+1.2 ± ...`` for a difference); ``†`` when fewer than ``seeds``
-    runs; ``dup`` / ``-`` for none."""
-    value = row.cell(column)
-    if value is None:
-        return DUPLICATE if not column.is_mean and column.tasks[0] in row.duplicated else MISSING
-    text = f"{100 * value.mean:+.1f}" if row.difference else f"{100 * value.mean:.1f}"
-    if value.std is not None:
-        text += f" ± {100 * value.std:.1f}"
-    if seeds > 1:
-        text += f" (n={value.n})"
-    return text + (FEWER if value.n < seeds else "")
 
 
 def markdown_table(title: str, columns: list[Column], rows: Sequence[Row], seeds: int) -> list[str]:
@@ -454,8 +340,10 @@ def write_report(
     out_dir: Path | str | None = None,
     routing_batches: int = 4,
     warn: Callable[[str], None] = _warn,
+    figure: Path | str | None = None,
 ) -> Path:
-    """Write results.md, results.csv, results.png and the routing heatmaps; return the markdown's path.
+    """Write results.md, results.csv, results.png, accuracy_vs_params.png (also to ``figure`` when given)
+    and the routing heatmaps; return the markdown's path.
 
     Result files that cannot be read, partial tests and duplicate runs are left out of the tables, named
     through ``warn`` (one line each) and listed under "Not in the tables"."""
@@ -467,6 +355,8 @@ def write_report(
         raise UsageError(f"runs folder {runs_dir} does not exist")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; the report writes several files: give a folder")
+    if figure is not None and Path(figure).is_dir():
+        raise UsageError(f"--figure {figure} is a folder; give the PNG file to write")
     left_out: list[str] = []
     apart: list[str] = []
 
@@ -482,7 +372,8 @@ def write_report(
     if not results:
         raise UsageError(f"no finished run under {runs_dir}: `test` writes <run>/result.json (see `sweep`)")
     runs = table_rows(results, runs_dir, note, keep_apart)
-    rows = [*runs, *paired_differences(runs)]
+    pairings = paired_differences(runs)
+    rows = [*runs, *(pairing.difference for pairing in pairings)]
     sections = tables(rows)
     seeds = expected_seeds(runs_dir, runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -500,11 +391,15 @@ def write_report(
         "with the settings that differ (`lily [trainer.max_epochs=4]`); "
         "with several seeds a cell is the mean ± sample std over seeds (n: how many), a mean column is "
         f"taken per seed first; `{FEWER.strip()}`: fewer seeds than the study asked for ({seeds}). "
-        "A `lily - lora` row is the paired difference (same task, same seed) in points, with its spread.",
+        "A `lily - <method>` row is Lily's paired difference to that method (same task, same seed, same "
+        "backbone and protocol) in points, with its spread over seeds; positive: Lily ahead.",
         "",
     ]
     for title, columns in sections:
         lines += markdown_table(title, columns, rows, seeds)
+    for title, columns in sections:
+        lines += methods_table(title, columns, runs, pairings, seeds)
+    lines += field_figure(sections, runs, out, figure, warn)
     lines += selection_table(runs)
     write_csv(out / "results.csv", sections, rows)
     write_seed_csv(out / "results_seeds.csv", runs)
@@ -534,6 +429,46 @@ def write_report(
     return path
 
 
+def field_figure(
+    sections: Sequence[tuple[str, list[Column]]],
+    rows: Sequence[Row],
+    out: Path,
+    figure: Path | str | None,
+    warn: Callable[[str], None],
+) -> list[str]:
+    """Draw ``accuracy_vs_params.png`` (one panel per table with a row that has all of its summary tasks),
+    copy it to ``figure`` when given, and return the markdown lines that show it, or say why there is none."""
+    panels = {
+        f"{title}: {summary_column(columns).title}": points
+        for title, columns in sections
+        if (points := figure_points(columns, rows))
+    }
+    if not panels:
+        why = "no row has every task of a table's mean"
+        if figure is not None:
+            warn(f"no accuracy-vs-parameters figure for --figure {figure}: {why}")
+        return [f"No accuracy-vs-parameters figure: {why}.", ""]
+    path = out / ACCURACY_VS_PARAMS
+    drawn = accuracy_vs_params(panels, save=path)
+    if figure is not None:
+        _save_copy(drawn, Path(figure))
+    note = budget_note([point for points in panels.values() for point in points])
+    return [
+        "## Accuracy against trainable parameters",
+        "",
+        "One point per row at its mean top-1 over the table's tasks (error bar: spread over seeds), x: "
+        f"trainable parameters without the head on a log scale. {note}",
+        "",
+        f"![accuracy vs trainable parameters]({ACCURACY_VS_PARAMS})",
+        "",
+    ]
+
+
+def _save_copy(figure: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI)
+
+
 def main(argv: Sequence[str]) -> int:
     """``python -m lily_lightning report RUNS_DIR [--out DIR]``; ``argv`` follows ``report``."""
     parser = argparse.ArgumentParser(
@@ -544,8 +479,18 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--routing-batches", type=int, default=4, help="test batches averaged per routing heatmap (default 4)"
     )
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help=f"also write the accuracy-vs-parameters figure ({ACCURACY_VS_PARAMS}) to this PNG file "
+        "(e.g. the README's docs/_static/accuracy_vs_params.png)",
+    )
     args = parser.parse_args(argv)
-    path = write_report(args.runs_dir, args.out, args.routing_batches)
+    path = write_report(args.runs_dir, args.out, args.routing_batches, figure=args.figure)
     print(path.read_text())
     print(f"wrote {path}, {path.with_suffix('.csv')}, {path.parent / 'results.png'}")
+    if (path.parent / ACCURACY_VS_PARAMS).is_file():
+        also = f" and {args.figure}" if args.figure is not None else ""
+        print(f"wrote {path.parent / ACCURACY_VS_PARAMS}{also}")
     return 0
