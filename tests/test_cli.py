@@ -15,7 +15,8 @@ from lily_lightning.training.module import ViTClassifier
 
 
 def tiny_run_config(tmp_path: Path, data_root: Path, epochs: int, method: str = "lily") -> Path:
-    """A real config file, as a user writes one: tiny ViT at 32 px, the paper's curve shortened."""
+    """A real config file, as a user writes one: timm's smallest registered ViT (`test_vit`: 6 blocks of width
+    64) at 32 px, the paper's curve shortened."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "tiny.yaml"
     config.write_text(
@@ -31,7 +32,7 @@ trainer:
   enable_progress_bar: false
   default_root_dir: {tmp_path / "run"}
 model:
-  backbone: vit_tiny_patch16_224
+  backbone: test_vit
   pretrained: false
   img_size: 32
   method: {method}
@@ -78,7 +79,7 @@ def test_fit_then_test_learns_and_checkpoints_only_trainable_tensors(
     assert {k for k in state if k.endswith(".hp")} == {f"model.adapters.{s}.hp" for s in ("k", "v", "mlp")}
     assert all(k.startswith(("model.adapters.", "model.head.")) for k in state)
     assert state["model.head.weight"].shape[0] == NUM_CLASSES  # linked from the data, never typed
-    dim, depth, rank, experts = 192, 12, 4, 2
+    dim, depth, rank, experts = 64, 6, 4, 2
     groups = depth // (depth // experts)
     kv = groups * dim * rank + experts * rank * dim + depth * rank * experts
     mlp = groups * dim * 2 * rank + experts * 2 * rank * dim + depth * 2 * rank * experts
@@ -125,7 +126,7 @@ def test_baselines_train_the_right_tensors(tmp_path: Path, data_root: Path, meth
     state = trainable_tensors(tmp_path / "run" / "checkpoints" / "last.ckpt")
     if method == "lora":
         assert all(k.startswith(("model.adapters.q.", "model.adapters.v.", "model.head.")) for k in state)
-        assert sum(v.numel() for v in state.values()) == 12 * 2 * 2 * (192 + 192) + NUM_CLASSES * 193
+        assert sum(v.numel() for v in state.values()) == 6 * 2 * 2 * (64 + 64) + NUM_CLASSES * 65
     elif method == "linear_probe":
         assert set(state) == {"model.head.weight", "model.head.bias"}
     else:
@@ -157,25 +158,27 @@ def test_checkpoint_from_another_method_is_refused(tmp_path: Path, data_root: Pa
     config = tiny_run_config(tmp_path, data_root, epochs=1, method="linear_probe")
     assert main(["fit", "--config", str(config), "--trainer.limit_train_batches", "1"]) == 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    lily = ViTClassifier("vit_tiny_patch16_224", num_classes=NUM_CLASSES, pretrained=False, img_size=32)
+    lily = ViTClassifier("test_vit", num_classes=NUM_CLASSES, pretrained=False, img_size=32)
     with pytest.raises(UsageError, match=r"lacks .* tensors of this model"):
         lily.on_load_checkpoint(checkpoint)
 
 
 @pytest.mark.slow
 def test_compiled_fit_resume_and_test_write_eager_checkpoints(tmp_path: Path, data_root: Path) -> None:
-    # model.compile: true through the CLI (inductor, minutes on 2 cores): fit 1 epoch, resume to 2, test;
-    # the checkpoint has the eager model's keys and loads into an eager model.
+    # model.compile: true through the CLI (inductor, a minute on 2 cores): fit 1 epoch, resume to 2, test;
+    # the checkpoint has the eager model's keys and loads into an eager model. No validation passes during
+    # fit: each would compile the eval graph once more (test_compile.py compares eval outputs).
     config = tiny_run_config(tmp_path, data_root, epochs=1)
     config.write_text(config.read_text().replace("  method: lily\n", "  method: lily\n  compile: true\n"))
-    assert main(["fit", "--config", str(config)]) == 0
+    no_validation = ["--trainer.limit_val_batches", "0"]
+    assert main(["fit", "--config", str(config), *no_validation]) == 0
     config.write_text(config.read_text().replace("max_epochs: 1", "max_epochs: 2"))
-    assert main(["fit", "--config", str(config), "--ckpt_path", "last"]) == 0
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", *no_validation]) == 0
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert main(["test", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
     saved = trainable_tensors(checkpoint)
     eager = ViTClassifier(
-        "vit_tiny_patch16_224",
+        "test_vit",
         num_classes=NUM_CLASSES,
         pretrained=False,
         img_size=32,

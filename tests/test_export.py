@@ -106,7 +106,7 @@ def test_exported_linear_sites_are_a_plain_timm_checkpoint(tmp_path: Path) -> No
         rank=4, num_experts=2, targets=("q", "k", "v", "proj", "fc1", "fc2"), eval_routing="running"
     )
     model = ViTClassifier(
-        "vit_tiny_patch16_224", num_classes=3, pretrained=False, img_size=32, lily=lily, normalize="imagenet"
+        "test_vit", num_classes=3, pretrained=False, img_size=32, lily=lily, normalize="imagenet"
     )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -76,7 +76,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def backbone_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny ViT's weights as a file: the frozen backbone a checkpoint is loaded onto."""
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32)
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     save_file(vit.state_dict(), str(path))
     return path
@@ -96,7 +96,7 @@ trainer:
   enable_progress_bar: false
   default_root_dir: {folder / "run"}
 model:
-  backbone: vit_tiny_patch16_224
+  backbone: test_vit
   weights: {weights}
   pretrained: false
   img_size: 32
@@ -291,7 +291,7 @@ def test_checkpoint_refuses_a_tree_with_other_classes(
 def test_model_from_python_refuses_a_checkpoint_of_other_classes() -> None:
     # Outside the CLI the model has the data's class names (given, or taken at setup); loading compares.
     model = ViTClassifier(
-        "vit_tiny_patch16_224",
+        "test_vit",
         num_classes=3,
         pretrained=False,
         img_size=32,

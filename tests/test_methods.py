@@ -322,9 +322,7 @@ def test_bad_settings_are_one_line_usage_errors() -> None:
     with pytest.raises(UsageError, match="dora targets"):
         DoRAConfig(targets=("q", "mlp"))
     with pytest.raises(UsageError, match="use method vpt_deep"):
-        ViTClassifier(
-            "vit_tiny_patch16_224", pretrained=False, method="vpt_shallow", vpt=VPTConfig(deep=True)
-        )
+        ViTClassifier("test_vit", pretrained=False, method="vpt_shallow", vpt=VPTConfig(deep=True))
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

@@ -26,7 +26,7 @@ from lily_lightning.studies.plots import (
 @pytest.fixture
 def lily_vit() -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3)
+    model = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=3)
     inject(model, LilyConfig(rank=4, num_experts=3))
     for adapter in model.adapters.values():
         nn.init.normal_(adapter.hp, std=0.5)  # non-zero experts, so each block's input depends on the mix
@@ -67,14 +67,14 @@ def test_routing_weights_match_a_hand_written_forward_and_rows_sum_to_one(lily_v
     expected = {site: (halves[0][site] + halves[1][site]) / 2 for site in halves[0]}
     assert list(weights) == ["k", "v", "mlp"]
     for site in expected:
-        assert weights[site].shape == (12, 3)
+        assert weights[site].shape == (6, 3)
         np.testing.assert_allclose(weights[site], expected[site], atol=1e-5)
-        np.testing.assert_allclose(weights[site].sum(1), np.ones(12), atol=1e-6)
+        np.testing.assert_allclose(weights[site].sum(1), np.ones(6), atol=1e-6)
     assert not np.allclose(weights["k"], 1 / 3, atol=1e-3)  # a real mix, not the uniform one
 
 
 def tiny_lily(config: LilyConfig) -> nn.Module:
-    return inject(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32), config)
+    return inject(timm.create_model("test_vit", pretrained=False, img_size=32), config)
 
 
 def test_a_site_without_routers_shows_uniform_weights() -> None:
@@ -82,7 +82,7 @@ def test_a_site_without_routers_shows_uniform_weights() -> None:
     assert not model.adapters["v"].router  # uniform routing has no routers
     weights = routing_weights(model, [torch.rand(2, 3, 32, 32)])
     for site in ("k", "v", "mlp"):
-        np.testing.assert_allclose(weights[site], np.full((12, 3), 1 / 3))
+        np.testing.assert_allclose(weights[site], np.full((6, 3), 1 / 3))
 
 
 def test_running_eval_routing_shows_the_running_mix() -> None:
@@ -90,12 +90,12 @@ def test_running_eval_routing_shows_the_running_mix() -> None:
     for adapter in model.adapters.values():
         adapter.running_mix.copy_(torch.tensor([0.5, 0.3, 0.2]))  # what eval uses, whatever the input
     weights = routing_weights(model.train(), [torch.rand(2, 3, 32, 32)])
-    np.testing.assert_allclose(weights["mlp"], np.tile([0.5, 0.3, 0.2], (12, 1)), atol=1e-7)
+    np.testing.assert_allclose(weights["mlp"], np.tile([0.5, 0.3, 0.2], (6, 1)), atol=1e-7)
     assert model.training  # the mode is restored
 
 
 def test_lora_has_no_routing() -> None:
-    model = inject(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32), LoRAConfig())
+    model = inject(timm.create_model("test_vit", pretrained=False, img_size=32), LoRAConfig())
     with pytest.raises(ValueError, match="no Lily sites"):
         routing_weights(model, [torch.rand(1, 3, 32, 32)])
 

@@ -174,7 +174,7 @@ def test_checkpoint_with_other_settings_names_the_setting(
     # A 10-class checkpoint on this 4-class task: the head and the saved num_classes say 10.
     checkpoint = torch.load(last_checkpoint(trained), weights_only=True)
     checkpoint["hyper_parameters"]["num_classes"] = 10
-    checkpoint["state_dict"]["model.head.weight"] = torch.zeros(10, 192)
+    checkpoint["state_dict"]["model.head.weight"] = torch.zeros(10, 64)
     checkpoint["state_dict"]["model.head.bias"] = torch.zeros(10)
     torch.save(checkpoint, tmp_path / "ten.ckpt")
     test = ["test", "--config", str(trained), "--ckpt_path", str(tmp_path / "ten.ckpt")]

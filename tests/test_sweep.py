@@ -25,9 +25,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         write_synthetic_vtab_task(root / "data", name, 4, n_train800=16, n_val200=8, n_test=16, seed=index)
     # A backbone file (not `pretrained: false`), so `report` can rebuild each run's model for its heatmap.
     torch.manual_seed(0)
-    weights = root / "vit_tiny.pth"
-    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).state_dict(), weights)
-    model = f"""  backbone: vit_tiny_patch16_224
+    weights = root / "test_vit.pth"
+    torch.save(timm.create_model("test_vit", num_classes=0, img_size=32).state_dict(), weights)
+    model = f"""  backbone: test_vit
   weights: {weights}
   lily: {{rank: 4, num_experts: 2}}
   lr: 3.0e-3
