@@ -223,8 +223,9 @@ def test_a_budget_run_records_its_budget_and_size_in_its_result(tmp_path: Path, 
     from test_cli import tiny_run_config
 
     config = tiny_run_config(tmp_path, data_root, epochs=1, method="lora")  # lora rank 2 in the file
-    # vit_tiny, LoRA on q, v: 9,216 per rank; 30,000 lies between rank 3 (27,648) and 4 (36,864): rank 3.
-    budget = ["--model.budget", "30000", "--trainer.limit_val_batches", "0"]
+    # test_vit (6 blocks, width 64), LoRA on q, v: 2 * 6 * 2 * 64 = 1,536 per rank; 5,000 lies between rank 3
+    # (4,608; 392 short) and rank 4 (6,144; 1,144 over): rank 3.
+    budget = ["--model.budget", "5000", "--trainer.limit_val_batches", "0"]
     assert main(["fit", "--config", str(config), *budget, "--trainer.limit_train_batches", "1"]) == 0
     # Resumed as a sweep resumes (the checkpoint's path): the file's rank 2 is the budget's to replace.
     last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
@@ -232,8 +233,8 @@ def test_a_budget_run_records_its_budget_and_size_in_its_result(tmp_path: Path, 
     assert main(["test", "--config", str(config), *budget, "--ckpt_path", "last"]) == 0
     assert "  rank: 3\n" in next((tmp_path / "run" / "csv").glob("version_*/hparams.yaml")).read_text()
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["budget"] == 30_000 and result["size"] == {"lora.rank": 3}
-    assert result["adapter_params"] == 27_648
+    assert result["budget"] == 5_000 and result["size"] == {"lora.rank": 3}
+    assert result["adapter_params"] == 4_608
 
 
 class InstantLauncher:
