@@ -16,7 +16,8 @@ Every adapter module says which kinds it is (``kinds``, a tuple); ``vit/inject``
 - ``UNFROZEN``: backbone tensors trained in place (BitFit's biases); ``vit/inject`` fills ``names`` with the
   backbone parameters it unfroze. Nothing to fold: they are the backbone's own weights.
 
-An adapter may also say why it cannot be merged now with ``merge_problem(site) -> str | None``.
+An adapter may also say why it cannot be merged now with ``merge_problem(site) -> str | None``; a method
+that never merges ends its message with :data:`USE_UNMERGED` (what to do instead).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ TOKENS = "tokens"
 UNFROZEN = "unfrozen"
 
 Reads = Literal["input", "output"]
+
+# The end of every "cannot merge" message of a method whose update no weight of the plain ViT computes.
+USE_UNMERGED = (
+    "Keep the run's adapter-only checkpoint and use the adapted model as it is: `python -m lily_lightning "
+    "predict` or `test` with --ckpt_path, or lily_lightning.load_classifier(checkpoint) in Python. merge and "
+    "export are for methods whose update is linear in the weights (lora, dora, fact_tt, ssf, bitfit, lily "
+    "with a fixed mix)."
+)
 
 # Places that exist once per model (the others once per block): after the patch embedding, the final norm.
 MODEL_PLACES: tuple[str, ...] = ("patch_embed", "norm")
