@@ -6,7 +6,8 @@ Every adapter module says which kinds it is (``kinds``, a tuple); ``vit/inject``
   (``reads = "input"``: LoRA, Lily, FacT, DoRA's direction, AdaptFormer beside the MLP) or its output
   (``reads = "output"``: a sequential Adapter after the MLP). ``delta_weight(block)`` is the (out, in) matrix
   ``D`` with ``adapter(x, block) == x @ D.T`` in eval mode, or None when the delta is not linear in ``x``;
-  a linear delta on a Linear folds into its weight (``merge``), any other stays a side branch.
+  a linear delta on a Linear folds into its weight (``merge``); any other stays a side branch (Lily's ``mlp``
+  site) or, when it is the whole method (AdaptFormer, Adapter), refuses to merge (``merge_problem``).
 - ``AFFINE``: ``affine(block, weight, bias) -> (scale, shift)`` maps the module's output (deltas included)
   to ``out * scale + shift``, per output channel (SSF; DoRA's magnitude). ``weight`` / ``bias`` are the
   frozen tensors the output comes from (DoRA's scale depends on them). It folds into that weight and bias.
