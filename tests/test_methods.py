@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from tiny_vits import tiny_vit
 
-from lily_lightning import UsageError, adapter_state_dict, count_parameters, inject, load_adapter_state_dict
+from lily_lightning import (
+    LilyConfig,
+    LoRAConfig,
+    UsageError,
+    adapter_state_dict,
+    count_parameters,
+    inject,
+    load_adapter_state_dict,
+)
 from lily_lightning.adapters import (
     AdaptFormerConfig,
     BitFitConfig,
@@ -254,12 +262,18 @@ VIT_B16_COUNTS = {
     "fact_tt": 2 * DIM * 8 + DEPTH * (4 * 8 * 8 + 8 * 32 + 32 * 8),
     # q and v: A (r x in), B (out x r), magnitude (out)
     "dora": DEPTH * 2 * (8 * DIM + DIM * 8 + DIM),
+    # LoRA r=8 on q and v: A (r x in), B (out x r)
+    "lora": DEPTH * 2 * (8 * DIM + DIM * 8),
+    # Lily r=32, 4 experts: per site an LP per 3 blocks (4 LPs), a bank of 4 HPs and a router per block;
+    # k and v at rank r, the mlp site at 2r
+    "lily": sum(4 * DIM * r + 4 * r * DIM + DEPTH * r * 4 for r in (32, 32, 64)),
 }
+DEFAULTS = {"vpt_deep": VPTConfig(deep=True), "lora": LoRAConfig(), "lily": LilyConfig()}
 
 
 @pytest.mark.parametrize("method", list(VIT_B16_COUNTS))
 def test_vit_b16_counts_follow_the_papers_formulas(method: str) -> None:
-    config = {"vpt_deep": VPTConfig(deep=True)}.get(method) or type(CONFIGS[method])()
+    config = DEFAULTS.get(method) or type(CONFIGS[method])()
     assert count_backbone_parameters("vit_base_patch16_224", config) == VIT_B16_COUNTS[method]
 
 
@@ -274,7 +288,31 @@ def test_the_formulas_hand_values() -> None:
         "ssf": 205_824,
         "fact_tt": 21_504,
         "dora": 313_344,
+        "lora": 294_912,
+        "lily": 792_576,
     }
+
+
+def count_column(path: Path, column: str) -> dict[str, int]:
+    """``method -> count`` from the markdown table of ``path`` that has a ``column`` header."""
+    counts, header = {}, None
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|"):
+            header = None
+        elif header is None and column in cells:
+            header = cells
+        elif header is not None and cells[0].startswith("`"):
+            counts[cells[0].strip("`")] = int(cells[header.index(column)].replace(",", ""))
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("page", "column"), [("README.md", "ViT-B/16 count"), ("docs/explanation/methods.md", "ViT-B/16 params")]
+)
+def test_the_documented_counts_are_the_formulas(page: str, column: str) -> None:
+    documented = count_column(Path(__file__).resolve().parents[1] / page, column)
+    assert documented and all(VIT_B16_COUNTS[m] == n for m, n in documented.items()), documented
 
 
 @pytest.mark.parametrize("method", MERGEABLE)
