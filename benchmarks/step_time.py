@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import platform
@@ -59,28 +60,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lily_lightning import LilyConfig, LoRAConfig, inject
-from lily_lightning.adapters import (
-    AdapterConfig,
-    AdaptFormerConfig,
-    BitFitConfig,
-    DoRAConfig,
-    FacTTTConfig,
-    SequentialAdapterConfig,
-    SSFConfig,
-    VPTConfig,
-)
+from lily_lightning.training.module import ViTClassifier, adapter_config
 
-# The visual-PEFT baselines with their defaults (the method's ``--model.method`` name is the row's).
-METHOD_ROWS: dict[str, AdapterConfig] = {
-    "bitfit": BitFitConfig(),
-    "vpt_shallow": VPTConfig(),
-    "vpt_deep": VPTConfig(deep=True),
-    "adapter": SequentialAdapterConfig(),
-    "adaptformer": AdaptFormerConfig(),
-    "ssf": SSFConfig(),
-    "fact_tt": FacTTTConfig(),
-    "dora": DoRAConfig(),
-}
+# The visual-PEFT baselines, each row named as ``--model.method`` and built with the config that takes.
+METHOD_ROWS = ("bitfit", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "ssf", "fact_tt", "dora")
 
 ROWS = (
     "floor",
@@ -163,7 +146,8 @@ def build_row(row: str, args: argparse.Namespace) -> Row:
     elif name.startswith("lily-"):
         inject(model, LilyConfig(routing=name.removeprefix("lily-")))
     elif name in METHOD_ROWS:
-        inject(model, METHOD_ROWS[name])
+        defaults = inspect.signature(ViTClassifier).parameters  # the CLI's defaults for each setting
+        inject(model, adapter_config(name, {key: value.default for key, value in defaults.items()}))
     else:  # floor, linear-probe
         model.requires_grad_(False)
     model.get_classifier().requires_grad_(True)

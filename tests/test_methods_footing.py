@@ -15,19 +15,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from test_methods import CONFIGS, perturb
 from tiny_vits import tiny_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 from lily_lightning import inject
-from lily_lightning.adapters import (
-    AdaptFormerConfig,
-    BitFitConfig,
-    DoRAConfig,
-    FacTTTConfig,
-    SequentialAdapterConfig,
-    SSFConfig,
-    VPTConfig,
-)
+from lily_lightning.adapters import VPTConfig
 from lily_lightning.training.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from lily_lightning.training.module import ViTClassifier
 
@@ -45,16 +38,6 @@ def classifier(method: str, **kwargs) -> ViTClassifier:
         "test_vit", pretrained=False, img_size=32, num_classes=NUM_CLASSES, method=method,
         warmup_epochs=1, lr=1e-2, **settings, **kwargs,
     )  # fmt: skip
-
-
-def perturb(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Every trainable tensor moved off its start (zero-initialised up-projections would hide a lot)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    return module
 
 
 def trainer(root: Path, max_steps: int = -1, checkpoints: Path | None = None) -> L.Trainer:
@@ -143,21 +126,11 @@ def test_a_resumed_run_equals_an_uninterrupted_one(method: str, runs) -> None:
 # -- bf16 autocast: the float32 step, rounded ------------------------------------------------------------
 
 BF16_U = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
-TINY_CONFIGS = {
-    "bitfit": BitFitConfig(),
-    "vpt_shallow": VPTConfig(length=3),
-    "vpt_deep": VPTConfig(length=3, deep=True),
-    "adapter": SequentialAdapterConfig(bottleneck=4),
-    "adaptformer": AdaptFormerConfig(bottleneck=4, scale=0.3),
-    "ssf": SSFConfig(),
-    "fact_tt": FacTTTConfig(rank=4, scale=0.5),
-    "dora": DoRAConfig(rank=2, alpha=3.0),
-}
 
 
 def tiny_model(method: str) -> torch.nn.Module:
     """A tiny ViT with ``method`` injected, trained-like tensors and a trainable head."""
-    model = inject(tiny_vit(num_classes=NUM_CLASSES), TINY_CONFIGS[method])
+    model = inject(tiny_vit(num_classes=NUM_CLASSES), CONFIGS[method])
     model.get_classifier().requires_grad_(True)
     return perturb(model)
 
