@@ -13,12 +13,15 @@ row (as it is in every real fine-tuning run), so "trainable" counts the head too
   peft-lora     HuggingFace PEFT's LoraConfig(r=8, lora_alpha=8) on `qkv`
   peft-lily     HuggingFace PEFT's LilyConfig(r=32, stride_A=3, num_B=4) on `qkv` and `fc2`, the closest
                 config it can express to ours (it adapts whole modules: no k/v slices, no parallel MLP site)
+  bitfit, vpt_shallow, vpt_deep, adapter, adaptformer, ssf, fact_tt, dora
+                the visual-PEFT baselines (``--model.method`` names), each with its defaults
 
 Noise (paired ratios): after a warm-up, each repeat times every row back to back (``--steps`` steps each,
 their median), in an order rotated by one row per repeat, and takes each row's ratio to the reference row
 *within that repeat*. Load that drifts over minutes then hits both sides of a ratio alike. The table shows
 each row's median ms over repeats with its spread (max / min - 1), and the median of its per-repeat ratios
-to ``lora`` and to ``floor`` with their interquartile range. Compare figures of one run only.
+to ``lora`` and to ``floor`` with their interquartile range, and its peak memory over the floor's. Compare
+figures of one run only.
 
 Peak memory: each row runs again in a fresh subprocess (``--memory-repeats`` times, keeping the smallest):
 the peak above what the process held right before its first step, i.e. activations, gradients, optimizer
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import platform
@@ -56,6 +60,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lily_lightning import LilyConfig, LoRAConfig, inject
+from lily_lightning.training.module import ViTClassifier, adapter_config
+
+# The visual-PEFT baselines, each row named as ``--model.method`` and built with the config that takes.
+METHOD_ROWS = ("bitfit", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "ssf", "fact_tt", "dora")
 
 ROWS = (
     "floor",
@@ -67,6 +75,7 @@ ROWS = (
     "full",
     "peft-lora",
     "peft-lily",
+    *METHOD_ROWS,
 )
 # --quick: vit_tiny at 32 px (12 blocks of width 192 on 4 patches), so a step takes milliseconds.
 QUICK = {
@@ -136,6 +145,9 @@ def build_row(row: str, args: argparse.Namespace) -> Row:
         inject(model, LoRAConfig(rank=8, targets=("q", "v")))
     elif name.startswith("lily-"):
         inject(model, LilyConfig(routing=name.removeprefix("lily-")))
+    elif name in METHOD_ROWS:
+        defaults = inspect.signature(ViTClassifier).parameters  # the CLI's defaults for each setting
+        inject(model, adapter_config(name, {key: value.default for key, value in defaults.items()}))
     else:  # floor, linear-probe
         model.requires_grad_(False)
     model.get_classifier().requires_grad_(True)
@@ -329,9 +341,19 @@ def format_table(
                 "-" if mem is None else f"{mem:.0f}",
                 _ratio_cell(pair_ratios(times, name, "lora")),
                 _ratio_cell(pair_ratios(times, name, "floor")),
+                "-" if mem is None or not memory.get("floor") else f"{mem / memory['floor']:.2f}",
             ]
         )
-    header = ["row", "trainable", "median ms", "spread", "peak MB", "x lora (IQR)", "x floor (IQR)"]
+    header = [
+        "row",
+        "trainable",
+        "median ms",
+        "spread",
+        "peak MB",
+        "x lora (IQR)",
+        "x floor (IQR)",
+        "peak x floor",
+    ]
     return markdown_table(header, rows)
 
 

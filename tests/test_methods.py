@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import copy
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny_vits import tiny_vit
 
-from lily_lightning import UsageError, adapter_state_dict, count_parameters, inject, load_adapter_state_dict
+from lily_lightning import (
+    LilyConfig,
+    LoRAConfig,
+    UsageError,
+    adapter_state_dict,
+    count_parameters,
+    inject,
+    load_adapter_state_dict,
+)
 from lily_lightning.adapters import (
     AdaptFormerConfig,
     BitFitConfig,
@@ -21,6 +32,7 @@ from lily_lightning.adapters import (
     SSFConfig,
     VPTConfig,
 )
+from lily_lightning.training.export_command import export_model
 from lily_lightning.training.module import ViTClassifier
 from lily_lightning.vit.merge import merge, unmerge
 from lily_lightning.vit.state import count_backbone_parameters
@@ -38,6 +50,7 @@ CONFIGS = {
 STARTS_AT_PRETRAINED = [m for m in CONFIGS if not m.startswith("vpt")]
 MERGEABLE = ["bitfit", "ssf", "dora", "fact_tt"]
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+IMAGES_32 = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # [0, 1] pixels
 
 
 def perturb(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -249,12 +262,18 @@ VIT_B16_COUNTS = {
     "fact_tt": 2 * DIM * 8 + DEPTH * (4 * 8 * 8 + 8 * 32 + 32 * 8),
     # q and v: A (r x in), B (out x r), magnitude (out)
     "dora": DEPTH * 2 * (8 * DIM + DIM * 8 + DIM),
+    # LoRA r=8 on q and v: A (r x in), B (out x r)
+    "lora": DEPTH * 2 * (8 * DIM + DIM * 8),
+    # Lily r=32, 4 experts: per site an LP per 3 blocks (4 LPs), a bank of 4 HPs and a router per block;
+    # k and v at rank r, the mlp site at 2r
+    "lily": sum(4 * DIM * r + 4 * r * DIM + DEPTH * r * 4 for r in (32, 32, 64)),
 }
+DEFAULTS = {"vpt_deep": VPTConfig(deep=True), "lora": LoRAConfig(), "lily": LilyConfig()}
 
 
 @pytest.mark.parametrize("method", list(VIT_B16_COUNTS))
 def test_vit_b16_counts_follow_the_papers_formulas(method: str) -> None:
-    config = {"vpt_deep": VPTConfig(deep=True)}.get(method) or type(CONFIGS[method])()
+    config = DEFAULTS.get(method) or type(CONFIGS[method])()
     assert count_backbone_parameters("vit_base_patch16_224", config) == VIT_B16_COUNTS[method]
 
 
@@ -269,7 +288,31 @@ def test_the_formulas_hand_values() -> None:
         "ssf": 205_824,
         "fact_tt": 21_504,
         "dora": 313_344,
+        "lora": 294_912,
+        "lily": 792_576,
     }
+
+
+def count_column(path: Path, column: str) -> dict[str, int]:
+    """``method -> count`` from the markdown table of ``path`` that has a ``column`` header."""
+    counts, header = {}, None
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|"):
+            header = None
+        elif header is None and column in cells:
+            header = cells
+        elif header is not None and cells[0].startswith("`"):
+            counts[cells[0].strip("`")] = int(cells[header.index(column)].replace(",", ""))
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("page", "column"), [("README.md", "ViT-B/16 count"), ("docs/explanation/methods.md", "ViT-B/16 params")]
+)
+def test_the_documented_counts_are_the_formulas(page: str, column: str) -> None:
+    documented = count_column(Path(__file__).resolve().parents[1] / page, column)
+    assert documented and all(VIT_B16_COUNTS[m] == n for m, n in documented.items()), documented
 
 
 @pytest.mark.parametrize("method", MERGEABLE)
@@ -286,21 +329,92 @@ def test_merged_logits_equal_unmerged_and_unmerge_restores(method: str, backbone
         assert torch.equal(model(IMAGES), expected)
 
 
-@pytest.mark.parametrize("method", ["adapter", "adaptformer"])
-def test_non_linear_branches_stay_branches_when_merging(method: str, trained) -> None:
+NOT_MERGEABLE = {  # method -> why, as its one refusal message says
+    "adapter": "sequential bottleneck after each block's MLP",
+    "adaptformer": "parallel bottleneck beside each block's MLP",
+    "vpt_shallow": "prompt tokens are extra tokens",
+    "vpt_deep": "prompt tokens are extra tokens",
+}
+
+
+def assert_refusal(error: UsageError, method: str) -> None:
+    """One message: why the method cannot fold into linear weights, and what to use instead."""
+    message = str(error)
+    assert "\n" not in message and NOT_MERGEABLE[method] in message
+    assert "cannot be folded into the linear weights" in message
+    assert "adapter-only checkpoint" in message and "load_classifier" in message and "predict" in message
+
+
+@pytest.mark.parametrize("method", list(NOT_MERGEABLE))
+def test_methods_that_cannot_merge_refuse_in_one_message_and_change_nothing(method: str, trained) -> None:
     model = copy.deepcopy(trained[method])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        expected = model(IMAGES)
+    with pytest.raises(UsageError) as refused:
         merge(model)
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no weight changed
-        assert torch.equal(model(IMAGES), expected)
+    assert_refusal(refused.value, method)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(getattr(site, "folded", ()) for site in model.modules())
 
 
-@pytest.mark.parametrize("method", ["vpt_shallow", "vpt_deep"])
-def test_prompts_refuse_to_merge_in_one_message(method: str, trained) -> None:
-    with pytest.raises(UsageError, match="prompt tokens lengthen the token sequence"):
-        merge(trained[method])
+def module(method: str) -> ViTClassifier:
+    """A trained-like classifier (perturbed adapter and head) on timm's tiny test ViT, normalising."""
+    torch.manual_seed(0)
+    settings = {"vpt": VPTConfig(length=2)} if method.startswith("vpt") else {}
+    classifier = ViTClassifier(
+        "test_vit", pretrained=False, img_size=32, num_classes=3, method=method, normalize="imagenet",
+        class_names=["a", "b", "c"], **settings,
+    )  # fmt: skip
+    return perturb(classifier)
+
+
+@pytest.mark.parametrize("method", list(NOT_MERGEABLE))
+def test_export_refuses_methods_that_cannot_merge_and_writes_nothing(method: str, tmp_path: Path) -> None:
+    out = tmp_path / "model.safetensors"
+    with pytest.raises(UsageError) as refused:
+        export_model(module(method), out)
+    assert_refusal(refused.value, method)
+    assert not out.exists()
+
+
+PLAIN_TIMM = """
+import sys
+import safetensors.torch, timm, torch
+
+expected = torch.load(sys.argv[1])
+for path, (images, logits) in expected.items():
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
+    model.load_state_dict(safetensors.torch.load_file(path))  # strict: timm's names, nothing else
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), logits, atol=1e-5, rtol=1e-5)
+assert "lily_lightning" not in sys.modules
+print("plain timm reproduced", len(expected))
+"""
+
+
+def test_export_of_each_mergeable_method_is_a_plain_timm_file_with_the_unmerged_logits(
+    tmp_path: Path,
+) -> None:
+    # One subprocess for all: plain timm, without this package, loads each file and gives the logits the
+    # adapted (unmerged) model gave, on the images it expects (normalised with ImageNet's mean and std).
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    normalised = (IMAGES_32 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    expected = {}
+    for method in MERGEABLE:
+        classifier = module(method).eval()
+        with torch.no_grad():
+            logits = classifier(IMAGES_32)
+        out = tmp_path / f"{method}.safetensors"
+        export_model(classifier, out)
+        expected[str(out)] = (normalised, logits)
+    torch.save(expected, tmp_path / "expected.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", PLAIN_TIMM, str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"plain timm reproduced {len(MERGEABLE)}" in run.stdout
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

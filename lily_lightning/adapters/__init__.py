@@ -8,7 +8,7 @@ from .build import METHOD_SETTINGS, AdapterConfig, build_adapters
 from .config import EVAL_ROUTINGS, ROUTINGS, SITES, LilyConfig, LoRAConfig
 from .dora import DoRAConfig
 from .fact import FacTTTConfig
-from .kinds import AFFINE, DELTA, MODEL_PLACES, TOKENS, UNFROZEN, kinds_of
+from .kinds import AFFINE, DELTA, MODEL_PLACES, TOKENS, UNFROZEN, USE_UNMERGED, kinds_of
 from .lily import LilyAdapter, mix_experts, mix_fixed, mixed_bank, scaled_mix
 from .lora import LoRAAdapter
 from .ssf import SSFConfig
@@ -25,6 +25,7 @@ __all__ = [
     "SIZE_KNOBS",
     "TOKENS",
     "UNFROZEN",
+    "USE_UNMERGED",
     "AdaptFormerConfig",
     "AdapterConfig",
     "BitFitConfig",

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .kinds import DELTA, Reads
+from .kinds import DELTA, USE_UNMERGED, Reads
 
 Activation = Literal["relu", "gelu"]
 ACTIVATIONS: tuple[str, ...] = ("relu", "gelu")
@@ -53,6 +53,19 @@ class BottleneckAdapter(nn.Module):
     def delta_weight(self, block: int) -> None:
         del block  # a ReLU / GELU sits between the projections
         return None
+
+    def merge_problem(self, site: str) -> str:
+        """Always a refusal: the branch is the whole method, and no Linear of the ViT computes it."""
+        where = (
+            "a sequential bottleneck after each block's MLP, fed its output"
+            if self.reads == "output"
+            else "a parallel bottleneck beside each block's MLP"
+        )
+        return (
+            f"cannot merge or export {site!r}: the method is {where}, up({self.act.__class__.__name__}("
+            "down(h))), non-linear in h, so it cannot be folded into the linear weights and a plain timm "
+            f"ViT cannot compute it. {USE_UNMERGED}"
+        )
 
     def extra_repr(self) -> str:
         return f"reads={self.reads!r}, scale={self.scale}"

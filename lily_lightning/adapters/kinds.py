@@ -6,7 +6,8 @@ Every adapter module says which kinds it is (``kinds``, a tuple); ``vit/inject``
   (``reads = "input"``: LoRA, Lily, FacT, DoRA's direction, AdaptFormer beside the MLP) or its output
   (``reads = "output"``: a sequential Adapter after the MLP). ``delta_weight(block)`` is the (out, in) matrix
   ``D`` with ``adapter(x, block) == x @ D.T`` in eval mode, or None when the delta is not linear in ``x``;
-  a linear delta on a Linear folds into its weight (``merge``), any other stays a side branch.
+  a linear delta on a Linear folds into its weight (``merge``); any other stays a side branch (Lily's ``mlp``
+  site) or, when it is the whole method (AdaptFormer, Adapter), refuses to merge (``merge_problem``).
 - ``AFFINE``: ``affine(block, weight, bias) -> (scale, shift)`` maps the module's output (deltas included)
   to ``out * scale + shift``, per output channel (SSF; DoRA's magnitude). ``weight`` / ``bias`` are the
   frozen tensors the output comes from (DoRA's scale depends on them). It folds into that weight and bias.
@@ -16,7 +17,8 @@ Every adapter module says which kinds it is (``kinds``, a tuple); ``vit/inject``
 - ``UNFROZEN``: backbone tensors trained in place (BitFit's biases); ``vit/inject`` fills ``names`` with the
   backbone parameters it unfroze. Nothing to fold: they are the backbone's own weights.
 
-An adapter may also say why it cannot be merged now with ``merge_problem(site) -> str | None``.
+An adapter may also say why it cannot be merged now with ``merge_problem(site) -> str | None``; a method
+that never merges ends its message with :data:`USE_UNMERGED` (what to do instead).
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ TOKENS = "tokens"
 UNFROZEN = "unfrozen"
 
 Reads = Literal["input", "output"]
+
+# The end of every "cannot merge" message of a method whose update no weight of the plain ViT computes.
+USE_UNMERGED = (
+    "Keep the run's adapter-only checkpoint and use the adapted model as it is: `python -m lily_lightning "
+    "predict` or `test` with --ckpt_path, or lily_lightning.load_classifier(checkpoint) in Python. merge and "
+    "export are for methods whose update is linear in the weights (lora, dora, fact_tt, ssf, bitfit, lily "
+    "with a fixed mix)."
+)
 
 # Places that exist once per model (the others once per block): after the patch embedding, the final norm.
 MODEL_PLACES: tuple[str, ...] = ("patch_embed", "norm")

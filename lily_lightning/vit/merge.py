@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import AFFINE, DELTA, TOKENS, kinds_of
+from ..adapters import AFFINE, DELTA, TOKENS, USE_UNMERGED, kinds_of
 from ..errors import UsageError
 from .inject import ADAPTERS_ATTR, AdaptedSite, _Branch, adapted_sites, adapted_vit
 
@@ -41,10 +41,9 @@ def _check_mergeable(adapters: nn.ModuleDict) -> None:
     for site, adapter in adapters.items():
         if TOKENS in kinds_of(adapter):
             raise UsageError(
-                f"cannot merge {site!r}: prompt tokens lengthen the token sequence every block attends over, "
-                "so no weight of the plain ViT computes the same. Evaluate the adapted model as it is "
-                "(test / predict / load_classifier); merge and export are for methods that update weights "
-                "(lora, dora, fact_tt, ssf, bitfit, lily with a fixed mix)."
+                f"cannot merge or export {site!r}: prompt tokens are extra tokens that lengthen the token "
+                "sequence every block attends over, so they cannot be folded into the linear weights and no "
+                f"weight of the plain ViT computes the same. {USE_UNMERGED}"
             )
         problem = getattr(adapter, "merge_problem", None)
         if problem is not None and problem(site) is not None:
@@ -100,13 +99,14 @@ def merge(model: nn.Module) -> nn.Module:
 
     Linear deltas (LoRA, Lily with a fixed mix, FacT, DoRA's direction on q, k, v, proj, fc1, fc2) add to
     the Linear's weight; affines (SSF, DoRA's magnitude) scale and shift the weight and bias they follow;
-    BitFit's biases are the backbone's already. Non-linear side branches beside or after the MLP (Lily's
-    ``mlp`` site, AdaptFormer, Adapter) stay branches. Prompt tokens (VPT) are refused.
+    BitFit's biases are the backbone's already. Lily's non-linear ``mlp`` site stays a side branch. Methods
+    whose whole update no weight of the plain ViT computes are refused: AdaptFormer's and the Adapter's
+    bottlenecks (their ``merge_problem``) and prompt tokens (VPT).
 
     The merged model computes what the unmerged one computes in eval mode. It is for inference: it refuses
     train mode and loading tensors, and its ``state_dict()`` loads into no unmerged model (see
     ``inject.MERGED_KEY``); :func:`unmerge` first. Raises ``UsageError`` for input-dependent routing, prompt
-    tokens, a model in train mode and a model that is already merged.
+    tokens, bottleneck adapters, a model in train mode and a model that is already merged.
     """
     vit = adapted_vit(model)
     if hasattr(vit, MERGED_ATTR):
