@@ -29,7 +29,7 @@ SHOWN = {
     "routing.ipynb": 4,
     "vtab_sweep.ipynb": 2,
     "own_images.ipynb": 2,
-    "compare_methods.ipynb": 2,
+    "compare_methods.ipynb": 3,
 }
 NEEDS = {"gpu", "internet", "cluster", "hours"}
 
