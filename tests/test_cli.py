@@ -14,7 +14,9 @@ from lily_lightning.cli import main
 from lily_lightning.training.module import ViTClassifier
 
 
-def tiny_run_config(tmp_path: Path, data_root: Path, epochs: int, method: str = "lily") -> Path:
+def tiny_run_config(
+    tmp_path: Path, data_root: Path, epochs: int, method: str = "lily", backbone: str = "test_vit"
+) -> Path:
     """A real config file, as a user writes one: timm's smallest registered ViT (`test_vit`: 6 blocks of width
     64) at 32 px, the paper's curve shortened."""
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -32,7 +34,7 @@ trainer:
   enable_progress_bar: false
   default_root_dir: {tmp_path / "run"}
 model:
-  backbone: test_vit
+  backbone: {backbone}
   pretrained: false
   img_size: 32
   method: {method}
