@@ -1,4 +1,5 @@
-"""The methods, free of timm and Lightning: configs, the Lily site, LoRA and the visual-PEFT baselines."""
+"""The methods, free of timm and Lightning: configs, the Lily site, LoRA and the visual-PEFT baselines, and
+the config of the HuggingFace PEFT bridge (whose layers ``vit/peft_bridge`` builds)."""
 
 from .adapter import SequentialAdapterConfig
 from .adaptformer import AdaptFormerConfig
@@ -7,7 +8,8 @@ from .build import METHOD_SETTINGS, AdapterConfig, build_adapters
 from .config import EVAL_ROUTINGS, ROUTINGS, SITES, LilyConfig, LoRAConfig
 from .dora import DoRAConfig
 from .fact import FacTTTConfig
-from .kinds import AFFINE, DELTA, MODEL_PLACES, TOKENS, UNFROZEN, kinds_of
+from .hf_peft import HFPeftConfig
+from .kinds import AFFINE, DELTA, LAYERS, MODEL_PLACES, NAMED_IN_MODEL, TOKENS, UNFROZEN, kinds_of
 from .lily import LilyAdapter, mix_experts, mix_fixed, mixed_bank, scaled_mix
 from .lora import LoRAAdapter
 from .ssf import SSFConfig
@@ -17,8 +19,10 @@ __all__ = [
     "AFFINE",
     "DELTA",
     "EVAL_ROUTINGS",
+    "LAYERS",
     "METHOD_SETTINGS",
     "MODEL_PLACES",
+    "NAMED_IN_MODEL",
     "ROUTINGS",
     "SITES",
     "TOKENS",
@@ -28,6 +32,7 @@ __all__ = [
     "BitFitConfig",
     "DoRAConfig",
     "FacTTTConfig",
+    "HFPeftConfig",
     "LilyAdapter",
     "LilyConfig",
     "LoRAAdapter",
