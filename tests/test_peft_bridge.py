@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods import Plain, reference_forward
+from test_methods import Plain, perturb, reference_forward
 from tiny_vits import tiny_vit
 
 from lily_lightning import UsageError, adapter_state_dict, count_parameters, inject, load_adapter_state_dict
@@ -48,16 +48,6 @@ CONFIGS = {
 STARTS_AT_PRETRAINED = ["LORA", "DORA", "VERA", "LOHA", "LOKR", "OFT", "BOFT", "LILY", "HRA"]
 MERGEABLE = ["LORA", "DORA", "VERA", "LOKR", "OFT", "FOURIERFT"]
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def perturb(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Move every trainable tensor off its start, so a wrong formula or a lost tensor shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def injected(backbone: torch.nn.Module, kind: str) -> torch.nn.Module:
