@@ -251,3 +251,28 @@ def test_the_recipes_and_a_json_override_parse(capsys: pytest.CaptureFixture[str
         main([*base, str(configs / "methods" / "peft_lily.yaml"), "--model.peft", json, "--print_config"])
     peft = yaml.safe_load(capsys.readouterr().out)["model"]["peft"]
     assert peft == {"peft_type": "HRA", "r": 4, "target_modules": ["fc1"]}
+
+
+@requires_peft
+def test_cli_fit_resume_test_predict_with_a_json_config(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_cli import result_line, tiny_run_config, trainable_tensors
+
+    config = tiny_run_config(tmp_path, data_root, epochs=2, method="peft")
+    lora = '{"peft_type": "LORA", "r": 2, "target_modules": ["qkv"]}'
+    args = ["--config", str(config), "--model.peft", lora]
+    one_step = ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"]
+    assert main(["fit", *args, *one_step, "--trainer.max_epochs", "1"]) == 0
+    assert main(["fit", *args, *one_step, "--ckpt_path", "last"]) == 0  # resumes: the second epoch
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
+    state = trainable_tensors(checkpoint)
+    assert all(".lora_" in k or k.startswith("model.head.") for k in state)
+    capsys.readouterr()
+    assert main(["test", *args, "--ckpt_path", "last"]) == 0
+    result = result_line(capsys.readouterr().out)
+    dim, depth, rank = 192, 12, 2  # vit_tiny: LoRA A (r x dim), B (3 dim x r) on each block's qkv
+    assert (result["method"], result["adapter_params"]) == ("peft_lora", str(depth * rank * 4 * dim))
+    assert main(["predict", *args, "--ckpt_path", "last"]) == 0
+    assert len((tmp_path / "run" / "predictions.csv").read_text().splitlines()) == 1 + 64

@@ -42,11 +42,6 @@ from .peft_bridge import inject_peft
 ADAPTERS_ATTR = "adapters"
 # The key of the ``peft`` method's one adapter module (peft_bridge.PeftLayers) in ``model.adapters``.
 PEFT_KEY = "peft"
-MERGED_TRAINING = (
-    "this model is merged (lily_lightning.merge) and cannot train or run in train mode: the adapters' update "
-    "is folded into frozen backbone weights. Call lily_lightning.unmerge(model) before training, or "
-    "model.eval() to run the merged model."
-)
 # The key a merged model adds to its state_dict() (see _mark_merged_state).
 MERGED_KEY = "lily_lightning_merged"
 
@@ -116,7 +111,11 @@ class AdaptedSite(nn.Module):
         if self.training and self.folded:
             # A folded delta is a constant in a frozen weight: training would leave it as it is, and train
             # mode would route per batch where the merged weight holds the eval-mode mix.
-            raise UsageError(MERGED_TRAINING)
+            raise UsageError(
+                "this model is merged (lily_lightning.merge) and cannot train or run in train mode: the "
+                "adapters' update is folded into frozen backbone weights. Call lily_lightning.unmerge(model) "
+                "before training, or model.eval() to run the merged model."
+            )
         adapters = self._adapters[0]
         for branch in self.branches:
             if branch.kind == TOKENS:

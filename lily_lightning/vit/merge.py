@@ -23,7 +23,6 @@ from ..adapters import AFFINE, DELTA, TOKENS, kinds_of
 from ..errors import UsageError
 from .inject import (
     ADAPTERS_ATTR,
-    MERGED_TRAINING,
     AdaptedSite,
     _Branch,
     adapted_sites,
@@ -179,4 +178,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _refuse_training(module: nn.Module, _: tuple) -> None:
     if module.training:
-        raise UsageError(MERGED_TRAINING)
+        raise UsageError(
+            "this model is merged (lily_lightning.merge) and cannot run in train mode: its PEFT layers' "
+            "update is folded into frozen weights. Call lily_lightning.unmerge(model) before training, or "
+            "model.eval() to run the merged model."
+        )

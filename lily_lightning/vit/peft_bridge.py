@@ -179,8 +179,9 @@ def _check_targets(model: nn.Module, peft_config: Any) -> None:
         try:
             found = any(_matches(target, name, regex) for name in names)
         except re.error as error:
-            bad = f"model.peft target_modules {target!r} is no regular expression: {error}"
-            raise UsageError(bad) from error
+            raise UsageError(
+                f"model.peft target_modules {target!r} is no regular expression: {error}"
+            ) from error
         if not found:
             raise UsageError(
                 f"model.peft target_modules {target!r} matches no module of this ViT; the modules of each "
