@@ -25,6 +25,7 @@ from lily_lightning.training.module import ViTClassifier
 from lily_lightning.vit.export import load_exported
 from lily_lightning.vit.inject import timm_state_dict
 from lily_lightning.vit.merge import merge, unmerge
+from lily_lightning.vit.state import count_backbone_parameters
 
 # The dev extra installs peft (CI runs all); without it only the tests of the refusals run.
 requires_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the peft extra")
@@ -105,6 +106,22 @@ def test_counts_follow_the_formulas_shared_tensors_once(backbone) -> None:
     # shared by all blocks, a router (num_B x r) per block; per module type.
     lily = (depth // 2) * 4 * (dim + hidden) + 2 * 4 * (3 * dim + dim) + 2 * depth * 2 * 4
     assert count_parameters(injected(backbone, "LILY")) == lily == 2_752
+
+
+@requires_peft
+def test_the_recipes_vit_b16_counts_follow_the_formulas() -> None:
+    import yaml
+
+    dim, depth, hidden = 768, 12, 3072
+    # LoRA r=8 on qkv: as many as lora_vtab.yaml's r=8 on the q and v rows
+    lora = depth * 8 * (dim + 3 * dim)
+    # PEFT's Lily r=32 on qkv and fc2: an A per 3 blocks, 4 B's for all blocks, a router per block
+    lily = (depth // 3) * 32 * (dim + hidden) + 4 * 32 * (3 * dim + dim) + 2 * depth * 4 * 32
+    assert (lora, lily) == (294_912, 887_808)
+    for recipe, expected in (("peft_lora", lora), ("peft_lily", lily)):
+        text = (Path(__file__).parent.parent / "configs" / "methods" / f"{recipe}.yaml").read_text()
+        config = HFPeftConfig(yaml.safe_load(text)["model"]["peft"])
+        assert count_backbone_parameters("vit_base_patch16_224", config) == expected
 
 
 @requires_peft
