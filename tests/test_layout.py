@@ -33,7 +33,7 @@ LAYERS = {
 }
 # Third-party packages a part must not import: the method is pure torch, the ViT surgery knows no Lightning.
 FORBIDDEN = {
-    "adapters": ("timm", "lightning", "pytorch_lightning", "torchmetrics"),
+    "adapters": ("timm", "lightning", "pytorch_lightning", "torchmetrics", "peft"),
     "vit": ("lightning", "pytorch_lightning", "torchmetrics"),
 }
 

@@ -1,4 +1,5 @@
-"""The methods, free of timm and Lightning: configs, the Lily site, LoRA and the visual-PEFT baselines."""
+"""The methods, free of timm and Lightning: configs, the Lily site, LoRA and the visual-PEFT baselines, and
+the config of the HuggingFace PEFT bridge (whose layers ``vit/peft_bridge`` builds)."""
 
 from .adapter import SequentialAdapterConfig
 from .adaptformer import AdaptFormerConfig
@@ -8,7 +9,18 @@ from .build import METHOD_SETTINGS, AdapterConfig, build_adapters
 from .config import EVAL_ROUTINGS, ROUTINGS, SITES, LilyConfig, LoRAConfig
 from .dora import DoRAConfig
 from .fact import FacTTTConfig
-from .kinds import AFFINE, DELTA, MODEL_PLACES, TOKENS, UNFROZEN, USE_UNMERGED, kinds_of
+from .hf_peft import HFPeftConfig
+from .kinds import (
+    AFFINE,
+    DELTA,
+    LAYERS,
+    MODEL_PLACES,
+    NAMED_IN_MODEL,
+    TOKENS,
+    UNFROZEN,
+    USE_UNMERGED,
+    kinds_of,
+)
 from .lily import LilyAdapter, mix_experts, mix_fixed, mixed_bank, scaled_mix
 from .lora import LoRAAdapter
 from .ssf import SSFConfig
@@ -18,8 +30,10 @@ __all__ = [
     "AFFINE",
     "DELTA",
     "EVAL_ROUTINGS",
+    "LAYERS",
     "METHOD_SETTINGS",
     "MODEL_PLACES",
+    "NAMED_IN_MODEL",
     "ROUTINGS",
     "SITES",
     "SIZE_KNOBS",
@@ -31,6 +45,7 @@ __all__ = [
     "BitFitConfig",
     "DoRAConfig",
     "FacTTTConfig",
+    "HFPeftConfig",
     "LilyAdapter",
     "LilyConfig",
     "LoRAAdapter",

@@ -12,6 +12,7 @@ from .bitfit import BitFitConfig, build_bitfit
 from .config import LilyConfig, LoRAConfig
 from .dora import DoRAConfig, build_dora
 from .fact import FacTTTConfig, build_fact_tt
+from .hf_peft import HFPeftConfig
 from .lily import build_lily
 from .lora import build_lora
 from .ssf import SSFConfig, build_ssf
@@ -27,6 +28,7 @@ AdapterConfig = (
     | SSFConfig
     | FacTTTConfig
     | DoRAConfig
+    | HFPeftConfig
 )
 
 # method name -> the model setting holding its config (``--model.<setting>.<field>``); None: no settings.
@@ -41,6 +43,7 @@ METHOD_SETTINGS: dict[str, str | None] = {
     "ssf": "ssf",
     "fact_tt": "fact_tt",
     "dora": "dora",
+    "peft": "peft",  # any HuggingFace PEFT config, as a mapping (vit/peft_bridge builds PEFT's own layers)
 }
 
 Features = dict[str, tuple[int, int]]

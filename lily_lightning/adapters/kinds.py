@@ -16,6 +16,10 @@ Every adapter module says which kinds it is (``kinds``, a tuple); ``vit/inject``
   again before the head (VPT). A sequence does not fold into a weight: ``merge`` refuses.
 - ``UNFROZEN``: backbone tensors trained in place (BitFit's biases); ``vit/inject`` fills ``names`` with the
   backbone parameters it unfroze. Nothing to fold: they are the backbone's own weights.
+- ``LAYERS``: another library replaced backbone modules by layers of its own (HuggingFace PEFT's, built by
+  ``vit/peft_bridge``). The adapter owns no tensor: ``names`` are the trained tensors' names in the model
+  (as for ``UNFROZEN``), ``wrapped`` maps each replaced module's path to the attribute that holds the
+  original module, and ``fold()`` / ``unfold()`` merge the layers and undo it (``merge`` / ``unmerge``).
 
 An adapter may also say why it cannot be merged now with ``merge_problem(site) -> str | None``; a method
 that never merges ends its message with :data:`USE_UNMERGED` (what to do instead).
@@ -31,6 +35,9 @@ DELTA = "delta"
 AFFINE = "affine"
 TOKENS = "tokens"
 UNFROZEN = "unfrozen"
+LAYERS = "layers"
+# The kinds whose trained tensors live in the model's own module tree, under the adapter's ``names``.
+NAMED_IN_MODEL: tuple[str, ...] = (UNFROZEN, LAYERS)
 
 Reads = Literal["input", "output"]
 

@@ -1,5 +1,5 @@
-"""The LightningModule: a timm ViT backbone, Lily / LoRA / the visual-PEFT baselines / linear probe / full
-fine-tuning, a new head."""
+"""The LightningModule: a timm ViT backbone, Lily / LoRA / the visual-PEFT baselines / any HuggingFace PEFT
+config / linear probe / full fine-tuning, a new head."""
 
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ from ..adapters import (
     BitFitConfig,
     DoRAConfig,
     FacTTTConfig,
+    HFPeftConfig,
     LilyConfig,
     LoRAConfig,
     SequentialAdapterConfig,
     SSFConfig,
     VPTConfig,
 )
+from ..adapters.hf_peft import EXAMPLE as PEFT_EXAMPLE
 from ..errors import UsageError
 from ..seeding import configured_seed, epoch_seed, run_seed
 from ..vit.budget import sized_to_budget
@@ -66,6 +68,7 @@ Method = Literal[
     "ssf",
     "fact_tt",
     "dora",
+    "peft",
 ]
 Normalize = Literal["backbone", "imagenet", "none"]
 Report = Literal["final", "best_of_evals"]
@@ -122,6 +125,10 @@ def adapter_config(method: str, settings: dict[str, Any]) -> AdapterConfig | Non
     if setting is None:
         return BitFitConfig()
     config = settings[setting]
+    if setting == "peft":  # a mapping (any PEFT config's fields), checked by HFPeftConfig and vit/peft_bridge
+        if config is None:
+            raise UsageError(f"model.method peft needs a HuggingFace PEFT config: {PEFT_EXAMPLE}")
+        return HFPeftConfig(config)
     if setting == "vpt":  # one `vpt` setting for both methods; the method says shallow or deep
         if config.deep and method == "vpt_shallow":
             raise UsageError("model.vpt.deep is true but model.method is vpt_shallow; use method vpt_deep")
@@ -152,8 +159,8 @@ class ViTClassifier(L.LightningModule):
         pretrained: with no ``weights``, download timm's pretrained weights (needs internet).
         method: ``lily`` / ``lora`` (adapters from ``lily`` / ``lora``), the visual-PEFT baselines
             ``bitfit``, ``vpt_shallow`` / ``vpt_deep`` (config ``vpt``), ``adapter``, ``adaptformer``,
-            ``ssf``, ``fact_tt``, ``dora`` (each from the setting of its name), ``linear_probe`` (head
-            only), ``full`` (every parameter).
+            ``ssf``, ``fact_tt``, ``dora`` (each from the setting of its name), ``peft`` (HuggingFace
+            PEFT's own layers, from ``peft``), ``linear_probe`` (head only), ``full`` (every parameter).
         lily: Lily's config (used when ``method: lily``).
         lora: LoRA's config (used when ``method: lora``).
         vpt, adapter, adaptformer, ssf, fact_tt, dora: the configs of those methods (``adapters/``).
@@ -161,6 +168,12 @@ class ViTClassifier(L.LightningModule):
             (``adapters.SIZE_KNOBS``: Lily's, LoRA's, DoRA's and FacT's rank, the adapters' bottleneck, VPT's
             length) is set to the value whose count on this backbone is closest (ties: the smaller), whatever
             its config says; the hyper-parameters record the value. Methods with a fixed count refuse one.
+        peft: any HuggingFace PEFT config as a mapping, used when ``method: peft``: ``peft_type`` (``LORA``,
+            ``LILY``, ``VERA``, ``LOHA``, ``LOKR``, ``OFT``, ``BOFT``, ``FOURIERFT``, ``HRA``, ...) plus that
+            config's fields, its ``target_modules`` naming timm's modules (``qkv``, ``proj``, ``fc1``,
+            ``fc2``); on the command line as JSON: ``--model.peft '{"peft_type": "LORA", "r": 8,
+            "target_modules": ["qkv"]}'``. Needs the ``peft`` extra. Its runs are named after the type
+            (``peft_lora``, ``peft_dora``, ``peft_lily``, ...): RESULT lines, results, run folders.
         img_size: input resolution, if not the backbone's default (the position table is resampled).
         normalize: input normalisation: the backbone's pretrained mean/std, ImageNet's, or none (the
             official Lily ViT code feeds [0, 1] pixels). Data modules yield [0, 1] pixels.
@@ -197,6 +210,7 @@ class ViTClassifier(L.LightningModule):
         fact_tt: FacTTTConfig = FacTTTConfig(),  # noqa: B008
         dora: DoRAConfig = DoRAConfig(),  # noqa: B008
         budget: int | None = None,
+        peft: dict[str, Any] | None = None,
         img_size: int | None = None,
         normalize: Normalize = "backbone",
         drop_path_rate: float = 0.1,
@@ -246,6 +260,7 @@ class ViTClassifier(L.LightningModule):
             ssf=ssf,
             fact_tt=fact_tt,
             dora=dora,
+            peft=peft,
         )
         config = adapter_config(method, settings)
         knob = SIZE_KNOBS.get(method)
@@ -257,6 +272,8 @@ class ViTClassifier(L.LightningModule):
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.adapter_parameters = count_parameters(self.model)
+            if isinstance(config, HFPeftConfig):  # one method, many PEFT types: results name the type
+                self.method = config.label
         elif method == "linear_probe":
             self.model.requires_grad_(False)
         if budget is not None and knob is None:

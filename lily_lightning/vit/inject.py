@@ -8,7 +8,8 @@ only hold references to them - so a Lily HP bank shared by every block is one te
 
 A method names its places (``config.places``: ``q``, ``qkv``, ``norm1``, ``mlp``, ``tokens``,
 ``patch_embed``, ...; the tables below map them to timm's modules) and its modules say their kinds
-(``adapters.kinds``); this file wires each kind the one way it is wired, whatever the method.
+(``adapters.kinds``); this file wires each kind the one way it is wired, whatever the method. The ``peft``
+method is HuggingFace PEFT's layers instead of sites (``peft_bridge``), recorded in ``model.adapters`` too.
 """
 
 from __future__ import annotations
@@ -23,10 +24,24 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..adapters import AFFINE, DELTA, SITES, TOKENS, UNFROZEN, AdapterConfig, build_adapters, kinds_of
+from ..adapters import (
+    AFFINE,
+    DELTA,
+    LAYERS,
+    SITES,
+    TOKENS,
+    UNFROZEN,
+    AdapterConfig,
+    HFPeftConfig,
+    build_adapters,
+    kinds_of,
+)
 from ..errors import UsageError
+from .peft_bridge import inject_peft
 
 ADAPTERS_ATTR = "adapters"
+# The key of the ``peft`` method's one adapter module (peft_bridge.PeftLayers) in ``model.adapters``.
+PEFT_KEY = "peft"
 # The key a merged model adds to its state_dict() (see _mark_merged_state).
 MERGED_KEY = "lily_lightning_merged"
 
@@ -188,9 +203,15 @@ def adapted_sites(model: nn.Module) -> list[AdaptedSite]:
     return [m for m in model.modules() if isinstance(m, AdaptedSite)]
 
 
+def layer_adapters(model: nn.Module) -> list[nn.Module]:
+    """The adapters of kind ``LAYERS`` (another library's layers, e.g. PEFT's) injected into ``model``."""
+    adapters = getattr(model, ADAPTERS_ATTR, None)
+    return [a for a in (adapters or {}).values() if LAYERS in kinds_of(a)]
+
+
 def is_merged(model: nn.Module) -> bool:
     """Whether a backbone weight in ``model`` holds a folded adapter delta (lily_lightning.merge)."""
-    return any(site.folded for site in adapted_sites(model))
+    return any(site.folded for site in adapted_sites(model)) or any(a.folded for a in layer_adapters(model))
 
 
 # A merged model's state_dict() holds what its tensors are (the backbone weights with the deltas added, and
@@ -223,21 +244,25 @@ def _refuse_merged_loads(module: nn.Module, state: Mapping[str, Any], prefix: st
 def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The injected ViT's own tensors under timm's names: adapters left out, the wrappers' ``.base`` undone.
 
-    ``blocks.0.mlp.base.fc1.base.weight`` (fc1 wrapped inside the wrapped MLP) -> ``blocks.0.mlp.fc1.weight``.
+    ``blocks.0.mlp.base.fc1.base.weight`` (fc1 wrapped inside the wrapped MLP) -> ``blocks.0.mlp.fc1.weight``;
+    a PEFT layer's ``blocks.0.attn.qkv.base_layer.weight`` -> ``blocks.0.attn.qkv.weight``, its adapter
+    tensors (``blocks.0.attn.qkv.lora_A.default.weight``) left out.
     """
-    # Innermost wrappers first: their names contain the outer wrappers' ``.base``.
-    wrappers = sorted(
-        (name for name, m in model.named_modules() if isinstance(m, AdaptedSite)), key=len, reverse=True
-    )
+    # Each wrapper's path -> the attribute holding the wrapped module; everything else under it is adapter.
+    wrappers = {name: "base" for name, m in model.named_modules() if isinstance(m, AdaptedSite)}
+    for adapter in layer_adapters(model):
+        wrappers |= adapter.wrapped
     state = {}
     for key, tensor in model.state_dict().items():
         if key.startswith(f"{ADAPTERS_ATTR}.") or key == MERGED_KEY:
             continue
-        for name in wrappers:
-            wrapped = f"{name}.base."
-            if key.startswith(wrapped):
-                key = f"{name}.{key[len(wrapped) :]}"
-        state[key] = tensor
+        # Innermost wrappers first: their names contain the outer wrappers' ``.base``.
+        for name in sorted(wrappers, key=len, reverse=True):
+            if key.startswith(f"{name}."):
+                inner = f"{name}.{wrappers[name]}."
+                key = f"{name}.{key[len(inner) :]}" if key.startswith(inner) else ""
+        if key:
+            state[key] = tensor
     return state
 
 
@@ -359,13 +384,25 @@ def _wrap(
             init(branch.block, *site.frozen_rows(branch.third))
 
 
+def _attach(model: nn.Module, adapters: nn.ModuleDict) -> None:
+    """Record ``adapters`` as the model's (``model.adapters``), with the guards of a merged model's state."""
+    model.add_module(ADAPTERS_ATTR, adapters)
+    model.register_state_dict_post_hook(_mark_merged_state)
+    model.register_load_state_dict_pre_hook(_refuse_merged_loads)
+
+
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Freeze every parameter of ``model`` and add ``config``'s adapters at its places, in place.
 
     Returns the same model. Load backbone weights *before* injecting: wrapping renames the adapted
-    timm modules' parameters (``attn.qkv.weight`` -> ``attn.qkv.base.weight``).
+    timm modules' parameters (``attn.qkv.weight`` -> ``attn.qkv.base.weight``). A ``HFPeftConfig`` puts
+    HuggingFace PEFT's layers where its ``target_modules`` say instead (``peft_bridge``).
     """
     places = config.places
+    if isinstance(config, HFPeftConfig):
+        _check_model(model, places)
+        _attach(model, nn.ModuleDict({PEFT_KEY: inject_peft(model, config)}))
+        return model
     features, depth = adapter_features(model, places)
     blocks = list(model.blocks)
     adapters = nn.ModuleDict(build_adapters(config, features, depth))
@@ -376,9 +413,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             adapter.names = _unfreeze(model, adapter.select)
     reference = next(model.parameters())
     adapters.to(device=reference.device, dtype=reference.dtype)
-    model.add_module(ADAPTERS_ATTR, adapters)
-    model.register_state_dict_post_hook(_mark_merged_state)
-    model.register_load_state_dict_pre_hook(_refuse_merged_loads)
+    _attach(model, adapters)
 
     prefix = model.num_prefix_tokens
     for i, block in enumerate(blocks):

@@ -8,7 +8,8 @@ With expert weights that do not depend on the input (``routing: uniform``, or ba
 and a LoRA site is ``alpha / r * W_B @ W_A``. Either adds to the weight of the timm Linear it sits on (for
 q / k / v, the matching third of the fused ``qkv`` rows), so the merged model runs at the frozen
 backbone's cost. The ``mlp`` site is parallel to the whole MLP (and has a ReLU inside for Lily): it stays a
-side branch, with its fixed mix. HF PEFT's Lily refuses to merge at all (its mix depends on the batch).
+side branch, with its fixed mix. HF PEFT's layers (the ``peft`` method) merge with PEFT's own ``merge()``;
+PEFT's Lily has none (its mix depends on the batch), so merging it is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from torch import nn
 
 from ..adapters import AFFINE, DELTA, TOKENS, USE_UNMERGED, kinds_of
 from ..errors import UsageError
-from .inject import ADAPTERS_ATTR, AdaptedSite, _Branch, adapted_sites, adapted_vit
+from .inject import (
+    ADAPTERS_ATTR,
+    AdaptedSite,
+    _Branch,
+    adapted_sites,
+    adapted_vit,
+    layer_adapters,
+)
 
 # Attribute of the injected ViT that records a merge (and is absent when it is not merged).
 MERGED_ATTR = "_merged_adapters"
@@ -101,7 +109,8 @@ def merge(model: nn.Module) -> nn.Module:
     the Linear's weight; affines (SSF, DoRA's magnitude) scale and shift the weight and bias they follow;
     BitFit's biases are the backbone's already. Lily's non-linear ``mlp`` site stays a side branch. Methods
     whose whole update no weight of the plain ViT computes are refused: AdaptFormer's and the Adapter's
-    bottlenecks (their ``merge_problem``) and prompt tokens (VPT).
+    bottlenecks (their ``merge_problem``) and prompt tokens (VPT). Another library's layers (kind ``LAYERS``:
+    HF PEFT's) merge themselves; a type that cannot (PEFT's Lily) is refused.
 
     The merged model computes what the unmerged one computes in eval mode. It is for inference: it refuses
     train mode and loading tensors, and its ``state_dict()`` loads into no unmerged model (see
@@ -116,6 +125,11 @@ def merge(model: nn.Module) -> nn.Module:
         # computes another function: call eval() first, so what runs merged is what ran before.
         raise UsageError("merge is for inference: call model.eval() before lily_lightning.merge(model)")
     _check_mergeable(getattr(vit, ADAPTERS_ATTR))
+    layers = layer_adapters(vit)
+    for adapter in layers:  # refuses, with nothing changed, a type its library cannot merge
+        adapter.fold()
+    if layers:  # the layers run the library's forward, which does not refuse train mode; this does
+        vit._merged_training_guard = vit.register_forward_pre_hook(_refuse_training)
     merged = []
     for site in adapted_sites(vit):
         folds = _foldable(site)
@@ -153,5 +167,19 @@ def unmerge(model: nn.Module) -> nn.Module:
             target.bias.copy_(record.original_bias)
         record.site.branches = record.branches
         record.site.folded = ()
+    for adapter in layer_adapters(vit):
+        adapter.unfold()
+    if hasattr(vit, "_merged_training_guard"):
+        vit._merged_training_guard.remove()
+        del vit._merged_training_guard
     delattr(vit, MERGED_ATTR)
     return model
+
+
+def _refuse_training(module: nn.Module, _: tuple) -> None:
+    if module.training:
+        raise UsageError(
+            "this model is merged (lily_lightning.merge) and cannot run in train mode: its PEFT layers' "
+            "update is folded into frozen weights. Call lily_lightning.unmerge(model) before training, or "
+            "model.eval() to run the merged model."
+        )

@@ -1,5 +1,6 @@
 """Adapter-only state: save, load and count the tensors a method trains: those ``inject`` added (shared ones
-once) and the backbone tensors it unfroze in place (BitFit's biases, under their backbone names)."""
+once), the backbone tensors it unfroze in place (BitFit's biases, under their backbone names) and those of
+another library's layers (HF PEFT's, under their names in the model)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from ..adapters import UNFROZEN, AdapterConfig, kinds_of
+from ..adapters import NAMED_IN_MODEL, AdapterConfig, kinds_of
 from .inject import ADAPTERS_ATTR, inject
 
 
@@ -23,14 +24,17 @@ def _adapters(model: nn.Module) -> nn.Module:
 
 
 def _unfrozen(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The backbone parameters the method trains in place, by their names in ``model``."""
-    names = [n for a in _adapters(model).values() if UNFROZEN in kinds_of(a) for n in a.names]
+    """The parameters the method trains in the model's own tree (unfrozen backbone tensors, PEFT's layers),
+    by their names in ``model``."""
+    named = [a for a in _adapters(model).values() if set(NAMED_IN_MODEL) & set(kinds_of(a))]
+    names = [n for a in named for n in a.names]
     return {name: model.get_parameter(name) for name in names}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors alone, keyed ``adapters.<site>.<name>``; each Lily HP bank appears once. Backbone
-    tensors a method trains in place (BitFit) appear under their own names."""
+    tensors a method trains in place (BitFit) and the tensors of PEFT's layers appear under their own names
+    (a tensor PEFT shares between layers, as its Lily's, once)."""
     state = {
         f"{ADAPTERS_ATTR}.{name}": tensor.detach()
         for name, tensor in _adapters(model).state_dict(keep_vars=True).items()
