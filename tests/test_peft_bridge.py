@@ -289,7 +289,7 @@ def test_cli_fit_resume_test_predict_with_a_json_config(
     capsys.readouterr()
     assert main(["test", *args, "--ckpt_path", "last"]) == 0
     result = result_line(capsys.readouterr().out)
-    dim, depth, rank = 192, 12, 2  # vit_tiny: LoRA A (r x dim), B (3 dim x r) on each block's qkv
+    dim, depth, rank = 64, 6, 2  # test_vit: LoRA A (r x dim), B (3 dim x r) on each block's qkv
     assert (result["method"], result["adapter_params"]) == ("peft_lora", str(depth * rank * 4 * dim))
     assert main(["predict", *args, "--ckpt_path", "last"]) == 0
     assert len((tmp_path / "run" / "predictions.csv").read_text().splitlines()) == 1 + 64
