@@ -4,7 +4,7 @@ the config of the HuggingFace PEFT bridge (whose layers ``vit/peft_bridge`` buil
 from .adapter import SequentialAdapterConfig
 from .adaptformer import AdaptFormerConfig
 from .bitfit import BitFitConfig
-from .budget import SIZE_KNOBS, SizeKnob, fit_budget
+from .budget import SIZE_KNOBS, SizeKnob, fit_budget, knob_setting
 from .build import METHOD_SETTINGS, AdapterConfig, build_adapters
 from .config import EVAL_ROUTINGS, ROUTINGS, SITES, LilyConfig, LoRAConfig
 from .dora import DoRAConfig
@@ -57,6 +57,7 @@ __all__ = [
     "build_adapters",
     "fit_budget",
     "kinds_of",
+    "knob_setting",
     "mix_experts",
     "mix_fixed",
     "mixed_bank",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import UsageError
+from .build import METHOD_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,13 @@ SIZE_KNOBS: dict[str, SizeKnob] = {
     # "peft" (the HF PEFT bridge) joins here with a knob on its PEFT config's ``r``: a SizeKnob whose
     # ``value`` / ``sized`` read and set ``r`` inside that config.
 }
+
+
+def knob_setting(method: str) -> str | None:
+    """The setting ``method``'s size knob is, as results and checkpoints name it (``"lora.rank"``); None for a
+    method without one."""
+    knob = SIZE_KNOBS.get(method)
+    return f"{METHOD_SETTINGS[method]}.{knob.field}" if knob else None
 
 
 def fit_budget(budget: int, count: Callable[[int], int]) -> tuple[int, int]:

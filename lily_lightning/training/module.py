@@ -34,6 +34,7 @@ from ..adapters import (
     SequentialAdapterConfig,
     SSFConfig,
     VPTConfig,
+    knob_setting,
 )
 from ..adapters.hf_peft import EXAMPLE as PEFT_EXAMPLE
 from ..errors import UsageError
@@ -279,7 +280,7 @@ class ViTClassifier(L.LightningModule):
         if budget is not None and knob is None:
             self._refuse_budget(budget)
         # The size knob's value, e.g. {"lora.rank": 22}, for result records (None: a method without one).
-        self.size = {f"{METHOD_SETTINGS[method]}.{knob.field}": knob.value(config)} if knob else None
+        self.size = {knob_setting(method): knob.value(config)} if knob else None
         self.model.get_classifier().requires_grad_(True)
         if compile:
             # nn.Module.compile compiles in place: the module tree, and so every state_dict key, stays the
