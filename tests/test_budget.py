@@ -17,7 +17,7 @@ import timm
 from tiny_vits import tiny_vit
 
 from lily_lightning import UsageError, count_parameters, inject
-from lily_lightning.adapters import SIZE_KNOBS, AdapterConfig, fit_budget
+from lily_lightning.adapters import SIZE_KNOBS, AdapterConfig, HFPeftConfig, fit_budget
 from lily_lightning.cli import main
 from lily_lightning.studies import sweep as sweep_module
 from lily_lightning.studies.grid import Study, parse_grid
@@ -66,7 +66,7 @@ def defaults(method: str) -> AdapterConfig:
     return adapter_config(method, settings)
 
 
-@pytest.mark.parametrize("method", list(SIZE_KNOBS))
+@pytest.mark.parametrize("method", [method for method in SIZE_KNOBS if method != "peft"])
 @pytest.mark.parametrize("budget", [5_000, 31_000])
 def test_the_budget_picks_the_closest_count_of_the_backbone_in_use(method: str, budget: int) -> None:
     backbone = tiny_vit()
@@ -76,6 +76,44 @@ def test_the_budget_picks_the_closest_count_of_the_backbone_in_use(method: str, 
     assert getattr(config, SIZE_KNOBS[method].field) == value
     # The count the injected model really has (not built on the meta device) is the one promised.
     assert count_parameters(inject(copy.deepcopy(backbone), config)) == count
+
+
+# PEFT types on tiny_vit()'s qkv (d -> 3d) in each of its 4 blocks, counted from PEFT's layer shapes.
+PEFT_COUNTS = {
+    "LORA": ("r", lambda r: DEPTH * (WIDTH * r + r * 3 * WIDTH)),  # A (r x d) and B (3d x r)
+    "HRA": ("r", lambda r: DEPTH * r * WIDTH),  # r Householder vectors of the input width
+    "FOURIERFT": ("n_frequency", lambda n: DEPTH * n),  # n spectral coefficients per layer
+}
+
+
+@pytest.mark.parametrize("peft_type", list(PEFT_COUNTS))
+@pytest.mark.parametrize("budget", [1_000, 9_000])
+def test_a_budget_sizes_a_peft_config_by_its_types_size_field(peft_type: str, budget: int) -> None:
+    field, count_of = PEFT_COUNTS[peft_type]
+    backbone = tiny_vit()
+    asked = HFPeftConfig({"peft_type": peft_type, "target_modules": ["qkv"]})
+    config, value, count = sized_to_budget(backbone, "peft", asked, budget)
+    assert value == min(range(1, 5000), key=lambda size: (abs(count_of(size) - budget), size))
+    assert count == count_of(value) and config.settings[field] == value
+    assert "r" not in asked.settings and "n_frequency" not in asked.settings  # the asked config is unchanged
+    assert count_parameters(inject(copy.deepcopy(backbone), config)) == count  # the real layers agree
+    assert all(p.device.type == "cpu" for p in backbone.parameters())  # counted on a meta copy
+
+
+def test_a_peft_run_sized_by_budget_records_the_field_and_types_without_one_refuse() -> None:
+    # vit_tiny: 12 blocks of width 192; PEFT LoRA on qkv trains 12 * (192 r + 576 r) = 9,216 per rank.
+    lora = {"peft_type": "LORA", "target_modules": ["qkv"]}
+    model = tiny_classifier(method="peft", peft=lora, budget=50_000)
+    assert model.adapter_parameters == 46_080 and model.size == {"peft.r": 5}
+    assert model.hparams.peft["r"] == 5 and model.hparams_initial.peft["r"] == 5  # checkpoints hold it
+    assert tiny_classifier(method="peft", peft=lora).size == {"peft.r": 8}  # PEFT's default, made explicit
+    oft = {"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": ["qkv"]}
+    assert tiny_classifier(method="peft", peft=oft).size is None
+    with pytest.raises(UsageError) as refused:
+        tiny_classifier(method="peft", peft=oft, budget=50_000)
+    message = str(refused.value)
+    assert "method peft_oft has no size knob" in message and "LORA (r)" in message, message
+    assert "FOURIERFT (n_frequency)" in message
 
 
 def test_the_search_takes_the_smaller_on_a_tie_and_stops_at_one() -> None:

@@ -20,7 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from ..adapters import METHOD_SETTINGS, knob_setting
+from ..adapters import METHOD_SETTINGS, SIZE_KNOBS, knob_setting
 from ..errors import UsageError
 from ..files import write_atomically
 from ..paths import resolve_path, shown_path
@@ -252,8 +252,11 @@ def _differences(
 def budget_sized(settings: Mapping[str, Any]) -> frozenset[str]:
     """The knob a budget sets (``{"lora.rank"}``) when ``settings`` give one: the configs' value of it is
     replaced by the budget's (and the checkpoint records that), so it is no difference of its own."""
-    setting = knob_setting(str(settings.get("method")))
-    return frozenset({setting}) if settings.get("budget") is not None and setting else frozenset()
+    method = str(settings.get("method"))
+    knob, config = SIZE_KNOBS.get(method), settings.get(METHOD_SETTINGS.get(method) or "")
+    if settings.get("budget") is None or knob is None or config is None or not knob.sizes(config):
+        return frozenset()
+    return frozenset({knob_setting(method, config)})
 
 
 def mismatched_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -36,6 +36,7 @@ from ..adapters import (
     VPTConfig,
     knob_setting,
 )
+from ..adapters.budget import sized_methods
 from ..adapters.hf_peft import EXAMPLE as PEFT_EXAMPLE
 from ..errors import UsageError
 from ..seeding import configured_seed, epoch_seed, run_seed
@@ -167,8 +168,10 @@ class ViTClassifier(L.LightningModule):
         vpt, adapter, adaptformer, ssf, fact_tt, dora: the configs of those methods (``adapters/``).
         budget: a target count of trainable adapter parameters (head excluded): the method's size knob
             (``adapters.SIZE_KNOBS``: Lily's, LoRA's, DoRA's and FacT's rank, the adapters' bottleneck, VPT's
-            length) is set to the value whose count on this backbone is closest (ties: the smaller), whatever
-            its config says; the hyper-parameters record the value. Methods with a fixed count refuse one.
+            length, the sizing field of a PEFT type: ``r``, FourierFT's ``n_frequency``) is set to the value
+            whose count on this backbone is closest (ties: the smaller), whatever its config says; the
+            hyper-parameters record the value. Methods with a fixed count (and PEFT types without a size
+            field, such as OFT) refuse one.
         peft: any HuggingFace PEFT config as a mapping, used when ``method: peft``: ``peft_type`` (``LORA``,
             ``LILY``, ``VERA``, ``LOHA``, ``LOKR``, ``OFT``, ``BOFT``, ``FOURIERFT``, ``HRA``, ...) plus that
             config's fields, its ``target_modules`` naming timm's modules (``qkv``, ``proj``, ``fc1``,
@@ -265,6 +268,8 @@ class ViTClassifier(L.LightningModule):
         )
         config = adapter_config(method, settings)
         knob = SIZE_KNOBS.get(method)
+        if knob is not None and not knob.sizes(config):  # a PEFT type without one (OFT, BOFT, ...)
+            knob = None
         if config is not None:
             try:
                 if budget is not None and knob is not None:
@@ -280,7 +285,7 @@ class ViTClassifier(L.LightningModule):
         if budget is not None and knob is None:
             self._refuse_budget(budget)
         # The size knob's value, e.g. {"lora.rank": 22}, for result records (None: a method without one).
-        self.size = {knob_setting(method): knob.value(config)} if knob else None
+        self.size = {knob_setting(method, config): knob.value(config)} if knob else None
         self.model.get_classifier().requires_grad_(True)
         if compile:
             # nn.Module.compile compiles in place: the module tree, and so every state_dict key, stays the
@@ -315,14 +320,15 @@ class ViTClassifier(L.LightningModule):
         hyper-parameters (checkpoints, hparams.yaml) record that value."""
         config, value, count = sized_to_budget(self.model, self.method, config, budget)
         knob, setting = SIZE_KNOBS[self.method], METHOD_SETTINGS[self.method]
+        label = config.label if isinstance(config, HFPeftConfig) else self.method
         self.hparams[setting] = knob.sized(self.hparams[setting], value)
         # hparams.yaml is written from Lightning's frozen copy of the arguments (hparams_initial): set it too.
         self._hparams_initial[setting] = knob.sized(self._hparams_initial[setting], value)
         log.info(
             "budget %s: %s %s %d -> %s adapter parameters",
             f"{budget:,}",
-            self.method,
-            knob.field,
+            label,
+            knob.field_in(config),
             value,
             f"{count:,}",
         )
@@ -336,7 +342,7 @@ class ViTClassifier(L.LightningModule):
         raise UsageError(
             f"--model.budget {budget}: method {self.method} has no size knob, it trains a fixed {fixed:,} "
             f"parameters on {self.hparams.backbone} (head excluded). Leave out --model.budget for it; a "
-            f"budget sizes {', '.join(SIZE_KNOBS)}."
+            f"budget sizes {sized_methods()}."
         )
 
     def _normalization(self, normalize: Normalize) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -6,14 +6,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters import SIZE_KNOBS, AdapterConfig, build_adapters, fit_budget
+from ..adapters import SIZE_KNOBS, AdapterConfig, HFPeftConfig, build_adapters, fit_budget
 from .inject import adapter_features
+from .peft_bridge import planned_peft_parameters
 
 
 def planned_parameters(model: nn.Module, config: AdapterConfig) -> int:
     """The count ``count_parameters`` gives after ``inject(model, config)``, without changing ``model``: the
-    config's adapters built on the meta device (no memory) for ``model``'s widths and depth. For the methods
-    with a size knob, which train no backbone tensor in place (BitFit's biases are counted by the model)."""
+    config's adapters built on the meta device (no memory) for ``model``'s widths and depth, or PEFT's layers
+    in a meta copy of ``model``. For the methods with a size knob, which train no backbone tensor in place
+    (BitFit's biases are counted by the model)."""
+    if isinstance(config, HFPeftConfig):
+        return planned_peft_parameters(model, config)
     features, depth = adapter_features(model, config.places)
     with torch.device("meta"):
         adapters = nn.ModuleDict(build_adapters(config, features, depth))

@@ -16,6 +16,7 @@ replaced modules, so adapter state, parameter counts, merge and export ask the k
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ..adapters import LAYERS, HFPeftConfig
+from ..adapters.budget import PEFT_SIZE_FIELDS
 from ..adapters.hf_peft import EXAMPLE
 from ..errors import UsageError
 
@@ -196,6 +198,23 @@ def _check_targets(model: nn.Module, peft_config: Any) -> None:
         )
 
 
+def planned_peft_parameters(model: nn.Module, config: HFPeftConfig) -> int:
+    """The trainable count :func:`inject_peft` would give ``model``, without changing it or using memory:
+    PEFT's layers built into a copy of ``model`` whose tensors are on the meta device."""
+    meta = {
+        id(tensor): (
+            nn.Parameter(torch.empty_like(tensor, device="meta"), tensor.requires_grad)
+            if isinstance(tensor, nn.Parameter)
+            else torch.empty_like(tensor, device="meta")
+        )
+        for tensor in [*model.parameters(), *model.buffers()]
+    }
+    skeleton = copy.deepcopy(model, meta)  # the module tree, every tensor replaced by its meta twin
+    with torch.device("meta"):
+        inject_peft(skeleton, HFPeftConfig(dict(config.settings)))
+    return sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
+
+
 def inject_peft(model: nn.Module, config: HFPeftConfig) -> PeftLayers:
     """Freeze ``model`` (a timm ViT) and replace its ``target_modules`` by PEFT's layers, in place; the
     returned module names what they train. ``vit/inject.inject`` calls it and records it as the adapters."""
@@ -205,6 +224,9 @@ def inject_peft(model: nn.Module, config: HFPeftConfig) -> PeftLayers:
 
     peft_config = _peft_config(peft, config)
     _check_targets(model, peft_config)
+    if (field := PEFT_SIZE_FIELDS.get(config.peft_type)) is not None:
+        # The size explicit (PEFT's default where the mapping leaves it out), so records name it.
+        config.settings.setdefault(field, getattr(peft_config, field))
     model.requires_grad_(False)
     try:
         PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type](model, peft_config, adapter_name=ADAPTER_NAME)
