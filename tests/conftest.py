@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from lily_lightning.cli import main
 from lily_lightning.data import write_synthetic_vtab_task
 
 NUM_CLASSES = 4
+
+# The suite runs as two pytest-xdist workers (scripts/test: -n 2) on CI's two cores: one thread each, and in
+# the processes they start (OMP_NUM_THREADS), or four threads fight over two cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

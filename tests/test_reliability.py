@@ -56,7 +56,7 @@ def test_fit_killed_and_interrupted_at_random_resumes_bit_identical(
     last = last_checkpoint(config)
     partial = last.with_name(".last.ckpt.partial")
     command = [sys.executable, "-m", "lily_lightning", "fit", "--config", str(config), "--config", str(slow)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     rng = random.Random(14)
 
     def start(*extra: str) -> subprocess.Popen:
@@ -72,7 +72,12 @@ def test_fit_killed_and_interrupted_at_random_resumes_bit_identical(
 
     def stop(process: subprocess.Popen, sig: signal.Signals) -> str:
         process.send_signal(sig)
-        _, err = process.communicate(timeout=120)
+        try:
+            _, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it hangs: every thread's stack (PYTHONFAULTHANDLER)
+            process.send_signal(signal.SIGABRT)
+            _, err = process.communicate(timeout=60)
+            raise AssertionError(f"no exit 120 s after {sig.name}:\n{err.decode()[-5000:]}") from None
         return err.decode()
 
     # 1. SIGKILL while the second epoch's save is half-written: the first epoch's file survives, whole.
