@@ -56,7 +56,8 @@ def test_fit_killed_and_interrupted_at_random_resumes_bit_identical(
     last = last_checkpoint(config)
     partial = last.with_name(".last.ckpt.partial")
     command = [sys.executable, "-m", "lily_lightning", "fit", "--config", str(config), "--config", str(slow)]
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    tests_first = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONPATH": tests_first}
     rng = random.Random(14)
 
     def start(*extra: str) -> subprocess.Popen:

@@ -153,8 +153,9 @@ class LilyCLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs["logger"] = [
                 CSVLogger(run_dir, name="csv"),
-                # Ctrl-C joins TensorBoard's writer thread, which can sleep up to flush_secs (default 120) when
-                # the interrupt lost its wake-up: 2 of 24 interrupted fits hung > 60 s under load, 0 of 20 at 10 s.
+                # Ctrl-C joins TensorBoard's writer thread, which can sleep up to flush_secs (default 120)
+                # when the interrupt cost it its wake-up: 2 of 24 interrupted fits hung > 60 s under load,
+                # 0 of 32 with 10 s (docs/explanation/testing.md).
                 TensorBoardLogger(run_dir, name="tensorboard", default_hp_metric=False, flush_secs=10),
             ]
         callbacks = list(config.get("callbacks") or [])
