@@ -1,4 +1,5 @@
-"""The visual-PEFT baselines on Lily's footing (issue 25, item 2), through the LightningModule: adapter-only
+"""The visual-PEFT baselines and HF PEFT's layers on Lily's footing (issue 25, item 2), through the
+LightningModule: adapter-only
 checkpoints, resume, bf16 autocast, DDP = one process, and per-image probabilities from ``predict_step``.
 
 Every test runs each baseline in this process on timm's ``test_vit`` at 32 px (or the tiny ViTs), so the
@@ -20,11 +21,19 @@ from tiny_vits import tiny_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 from lily_lightning import inject
-from lily_lightning.adapters import VPTConfig
+from lily_lightning.adapters import HFPeftConfig, VPTConfig
 from lily_lightning.training.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from lily_lightning.training.module import ViTClassifier
 
 BASELINES = ("bitfit", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "ssf", "fact_tt", "dora")
+# HuggingFace PEFT's layers through `method: peft` (the names its runs get). PEFT's Lily averages its router
+# over the batch in each process, unsynced: neither DDP = one process nor per-image predictions hold for it.
+PEFT = {
+    "peft_lora": {"peft_type": "LORA", "r": 2, "target_modules": ["qkv", "fc1"]},
+    "peft_lily": {"peft_type": "LILY", "r": 4, "stride_A": 2, "num_B": 2, "target_modules": ["qkv", "fc2"]},
+}
+METHODS = (*BASELINES, *PEFT)
+PER_IMAGE = (*BASELINES, "peft_lora")  # each image's output its own, whatever else is in its batch
 NUM_CLASSES = 3
 g = torch.Generator().manual_seed(0)
 IMAGES, LABELS = torch.rand(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 1])
@@ -34,6 +43,8 @@ def classifier(method: str, **kwargs) -> ViTClassifier:
     """The module as `fit` builds it, on a tiny random ViT: the same frozen backbone for every call."""
     torch.manual_seed(0)
     settings = {"vpt": VPTConfig(length=2)} if method.startswith("vpt") else {}
+    if method in PEFT:
+        method, settings = "peft", {"peft": PEFT[method]}
     return ViTClassifier(
         "test_vit", pretrained=False, img_size=32, num_classes=NUM_CLASSES, method=method,
         warmup_epochs=1, lr=1e-2, **settings, **kwargs,
@@ -91,7 +102,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     return run
 
 
-@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("method", METHODS)
 def test_checkpoints_hold_the_trained_tensors_alone_and_reload_to_equal_logits(method: str, runs) -> None:
     run = runs(method)
     stopped: ViTClassifier = run["stopped"]
@@ -112,7 +123,7 @@ def test_checkpoints_hold_the_trained_tensors_alone_and_reload_to_equal_logits(m
         assert torch.equal(fresh(IMAGES), expected)
 
 
-@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("method", METHODS)
 def test_a_resumed_run_equals_an_uninterrupted_one(method: str, runs) -> None:
     run = runs(method)
     whole, resumed = run["whole"], run["resumed"]
@@ -130,7 +141,8 @@ BF16_U = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
 
 def tiny_model(method: str) -> torch.nn.Module:
     """A tiny ViT with ``method`` injected, trained-like tensors and a trainable head."""
-    model = inject(tiny_vit(num_classes=NUM_CLASSES), CONFIGS[method])
+    config = HFPeftConfig(PEFT[method]) if method in PEFT else CONFIGS[method]
+    model = inject(tiny_vit(num_classes=NUM_CLASSES), config)
     model.get_classifier().requires_grad_(True)
     return perturb(model)
 
@@ -150,7 +162,7 @@ def sgd_step(method: str, autocast: bool) -> tuple[torch.Tensor, dict[str, torch
     return logits, grads, {k: p.detach() for k, p in params.items()}
 
 
-@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("method", METHODS)
 def test_a_bf16_autocast_step_keeps_float32_tensors_and_is_the_float32_step_rounded(method: str) -> None:
     logits, grads, after = sgd_step(method, autocast=True)
     reference_logits, reference_grads, _ = sgd_step(method, autocast=False)
@@ -172,7 +184,7 @@ def _ddp_worker(rank: int, init_file: str, results: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     grads = {}
-    for method in BASELINES:
+    for method in PER_IMAGE:
         model = DistributedDataParallel(tiny_model(method).eval())  # eval: no dropout draw per process
         half = slice(2 * rank, 2 * rank + 2)
         F.cross_entropy(model(IMAGES[half]), LABELS[half]).backward()  # DDP averages over the 2 ranks
@@ -193,7 +205,7 @@ def test_ddp_on_two_processes_gives_one_process_full_batch_gradient(tmp_path: Pa
             for process in context.processes:
                 process.kill()
             pytest.fail("the 2-process DDP group did not finish in 300 s")
-    for method in BASELINES:
+    for method in PER_IMAGE:
         model = tiny_model(method).eval()
         F.cross_entropy(model(IMAGES), LABELS).backward()
         expected = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
@@ -207,7 +219,7 @@ def test_ddp_on_two_processes_gives_one_process_full_batch_gradient(tmp_path: Pa
 # -- predict ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("method", PER_IMAGE)
 def test_predict_step_gives_each_image_its_own_probabilities(method: str) -> None:
     module = perturb(classifier(method, predict_top_k=NUM_CLASSES)).eval()
     with torch.no_grad():
