@@ -86,6 +86,33 @@ def test_task_lists_and_per_task_configs() -> None:
     # FGVC's oxford_flowers is not VTAB's oxford_flowers102, whose alias it also is
     assert run_configs([base], "oxford_flowers", "lily") == [base, configs / "fgvc" / "oxford_flowers.yaml"]
     assert run_configs([base], "mine", "lily") == [base]
+    # --recipes: the method's own optimiser after the base configs, before the task's data.
+    dtd = configs / "vtab" / "dtd.yaml"
+    assert run_configs([base], "dtd", "ssf", recipes=True) == [base, configs / "methods" / "ssf.yaml", dtd]
+    assert run_configs([base], "dtd", "ssf") == [base, dtd]  # without: the base config's optimiser
+    assert run_configs([base], "dtd", "lily", recipes=True) == [base, dtd]  # vit_vtab.yaml is Lily's
+
+
+def test_recipes_give_each_method_its_papers_optimiser_and_name_those_without(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from test_budget import InstantLauncher
+
+    from lily_lightning.studies import sweep as sweep_module
+
+    launcher = InstantLauncher()
+    monkeypatch.setattr(sweep_module, "LocalLauncher", lambda *_: launcher)
+    base = Path(__file__).parents[1] / "configs" / "vit_vtab.yaml"
+    args = ["sweep", "--config", str(base), "--tasks", "dtd", "--methods", "lily", "ssf", "vpt_deep"]
+    assert main([*args, "--runs-dir", str(tmp_path / "runs"), "--recipes"]) == 0
+    assert "--recipes: no " in (out := capsys.readouterr().out) and "for lily: they train with" in out
+    settings = {spec.method: spec.resolved for spec in launcher.launched}
+    # ssf.yaml: SSF's official dtd script (lr 5e-3, wd 5e-5); vpt_deep.yaml: VPT's; lily: vit_vtab.yaml's.
+    assert settings["ssf"]["model.lr"] == 5e-3 and settings["ssf"]["model.weight_decay"] == 5e-5
+    assert settings["lily"]["model.lr"] == settings["vpt_deep"]["model.lr"] == 1e-3  # VPT keeps the AdamW lr
+    assert main([*args, "--runs-dir", str(tmp_path / "shared")]) == 0  # no --recipes: one optimiser for all
+    shared = {spec.method: spec.resolved for spec in launcher.launched[3:]}
+    assert {run["model.lr"] for run in shared.values()} == {1e-3}
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,17 @@
 """``python -m lily_lightning sweep``: fit + test many tasks and methods, seeds and grid points - a study.
 
     python -m lily_lightning sweep --config configs/vit_vtab.yaml --tasks vtab [--methods lily lora ...]
-        [--budgets 100000 400000] [--seeds 0 1 2] [--grid model.lr=1e-3,5e-4 ...] [--select-on val]
+        [--budgets 100000 400000] [--recipes] [--seeds 0 1 2] [--grid model.lr=1e-3,5e-4 ...]
+        [--select-on val]
         [--launcher local --parallel N --gpus-per-run G | --launcher slurm --slurm-... [--no-wait]] [-- ARGS]
     python -m lily_lightning sweep --status RUNS_DIR
 
 Each run is `fit` then `test` in its own folder (``studies.grid`` lays them out:
 ``<runs-dir>/<task>/<method>/`` plus the grid point and ``seed<k>``), in its own child process (so one run's
 crash or memory cannot take the sweep down), with the configs layered as the README describes: the
-``--config`` files, ``lora_vtab.yaml`` next to the first one for LoRA, then ``vtab/<task>.yaml`` or
+``--config`` files, ``lora_vtab.yaml`` next to the first one for LoRA, with ``--recipes`` the method's own
+``methods/<method>.yaml`` next to it (each paper's optimiser; without, all methods share the ``--config``
+files' optimiser), then ``vtab/<task>.yaml`` or
 ``fgvc/<task>.yaml`` next to it when there is one, then the arguments after ``--``, the grid point, then the
 keys the sweep sets per run (which ``--`` and ``--grid`` may not set). Each run's resolved settings
 (``studies.settings``) and exact arguments are saved beside it (``sweep_run.json``). A run with a complete
@@ -53,6 +56,7 @@ METHODS: tuple[str, ...] = typing.get_args(Method)
 
 BENCHMARKS = {"vtab": tuple(VTAB_TASKS), "fgvc": tuple(FGVC_TASKS)}
 LORA_CONFIG = "lora_vtab.yaml"
+METHOD_RECIPES = "methods"  # configs/methods/<method>.yaml: each paper's VTAB-1k optimiser (--recipes)
 LOG_FILE = "sweep.log"
 UNFINISHED = ("failed", "differs")
 LIMIT_VAL = "trainer.limit_val_batches"  # outcomes that make the exit code 1
@@ -69,12 +73,21 @@ def expand_tasks(names: Sequence[str]) -> list[str]:
     return tasks
 
 
-def run_configs(configs: Sequence[Path], task: str, method: str) -> list[Path]:
-    """The config files of one run, layered left to right."""
+def recipe(configs: Sequence[Path], method: str) -> Path | None:
+    """``method``'s own recipe, ``methods/<method>.yaml`` beside the first config, when there is one."""
+    path = configs[0].parent / METHOD_RECIPES / f"{method}.yaml"
+    return path if path.is_file() else None
+
+
+def run_configs(configs: Sequence[Path], task: str, method: str, recipes: bool = False) -> list[Path]:
+    """The config files of one run, layered left to right; with ``recipes``, the method's own after the
+    ``--config`` files."""
     folder = configs[0].parent
     layered = list(configs)
     if method == "lora" and (folder / LORA_CONFIG).is_file():
         layered.append(folder / LORA_CONFIG)
+    if recipes and (own := recipe(configs, method)) is not None:
+        layered.append(own)
     known = benchmark_task(task)
     benchmark = "vtab" if isinstance(known, VTABTask) else "fgvc" if isinstance(known, FGVCTask) else None
     if benchmark is not None and (override := folder / benchmark / f"{task}.yaml").is_file():
@@ -216,6 +229,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="train again the runs recorded with other settings (their result and checkpoint are replaced)",
     )
+    parser.add_argument(
+        "--recipes",
+        action="store_true",
+        help="layer each method's own recipe, methods/<method>.yaml beside the first --config (its paper's "
+        "VTAB-1k optimiser); without it every method trains with the --config files' optimiser",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed, in RUN/seed<k>/")
     parser.add_argument(
         "--grid", nargs="+", default=[], metavar="KEY=V1,V2", help="hyper-parameter grid (Cartesian product)"
@@ -277,12 +296,12 @@ def main(argv: Sequence[str]) -> int:
             f"--methods: unknown method(s) {' '.join(unknown)}; choose among {', '.join(METHODS)}"
         )
     # The first run's settings: where the grid keys' types are found (a data module's class_path).
-    first_configs = run_configs(args.config, tasks[0], methods[0])
+    first_configs = run_configs(args.config, tasks[0], methods[0], args.recipes)
     first = resolved_settings([*config_arguments(first_configs), *extra])
     axes, notes = typed_axes(parse_grid(args.grid), first)
     study = Study(
         runs_dir=args.runs_dir,
-        layered=lambda task, method: run_configs(args.config, task, method),
+        layered=lambda task, method: run_configs(args.config, task, method, args.recipes),
         extra=extra,
         tasks=tasks,
         methods=methods,
@@ -292,6 +311,12 @@ def main(argv: Sequence[str]) -> int:
         budgets=list(dict.fromkeys(args.budgets)) if args.budgets else None,
     )
     study.check()
+    if args.recipes and (plain := [method for method in methods if recipe(args.config, method) is None]):
+        folder = args.config[0].parent / METHOD_RECIPES
+        notes.append(
+            f"sweep: --recipes: no {folder}/<method>.yaml for {', '.join(plain)}: they train with the "
+            "--config files' settings"
+        )
     if study.budgets and (fixed := [method for method in methods if method not in SIZE_KNOBS]):
         notes.append(f"sweep: {', '.join(fixed)}: a fixed parameter count, run once, not per budget")
     if args.select_on is not None and first.get(LIMIT_VAL, 1.0) != 1.0:
