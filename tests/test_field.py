@@ -3,6 +3,7 @@ checked against hand-computed values from result.json files written by hand (no 
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from matplotlib.colors import to_rgba
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 from lily_lightning.cli import main
 from lily_lightning.studies import report as report_module
@@ -171,3 +173,32 @@ def test_accuracy_vs_params_has_one_point_per_row_and_groups_equal_budgets(
     methods = markdown_rows(markdown, "Methods: Other tasks")
     assert methods["lily_400k"]["budget"] == methods["lora_400k"]["budget"] == "400,000"
     assert methods["lily"]["budget"] == "-"
+
+
+def test_accuracy_vs_params_labels_neither_overlap_nor_stray_from_their_points() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from lily_lightning.studies.plots import ParamPoint, accuracy_vs_params
+
+    # The README's comparison (docs/_static/accuracy_vs_params.png): lora and dora, adapter and adaptformer
+    # sit almost on one another.
+    measured = {"lily": (399_360, 92.5), "dora": (156_672, 90.0), "lora": (147_456, 89.8),
+                "ssf": (102_912, 85.6), "adaptformer": (78_432, 84.7), "adapter": (78_432, 83.3),
+                "bitfit": (51_456, 82.0), "fact_tt": (15_360, 79.2), "vpt_deep": (46_080, 68.5),
+                "linear_probe": (0, 60.1), "vpt_shallow": (3_840, 49.5),
+                "full": (21_536_640, 20.1)}  # fmt: skip
+    points = [ParamPoint(name, params, top1 / 100, 0.01) for name, (params, top1) in measured.items()]
+    figure = accuracy_vs_params({"mnist5k": points})
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    (ax,) = figure.axes
+    labels = [text for text in ax.texts if hasattr(text, "xy")]
+    assert len(labels) == len(measured)
+    boxes = {text.get_text(): text.get_window_extent(renderer) for text in labels}
+    for (a, box), (b, other) in itertools.combinations(boxes.items(), 2):
+        assert not box.overlaps(other), (a, b)
+    dpi = figure.dpi
+    for text in labels:  # each label touches a square of 20 points around its own point
+        x, y = ax.transData.transform(text.xy)
+        near = Bbox.from_extents(x - 20 * dpi / 72, y - 20 * dpi / 72, x + 20 * dpi / 72, y + 20 * dpi / 72)
+        assert boxes[text.get_text()].overlaps(near), text.get_text()

@@ -10,7 +10,6 @@ given. In Jupyter the figure shows as a picture when it is a cell's value or pas
 from __future__ import annotations
 
 import csv
-import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 from torch import nn
 
 from ..adapters import LilyAdapter, LilyConfig, LoRAConfig
@@ -340,21 +341,37 @@ def budget_legend(budget: int) -> str:
     return f"budget {count_text(budget)}: sized to equal counts"
 
 
-def _label_offsets(points: Sequence[ParamPoint]) -> dict[ParamPoint, float]:
-    """Each point's label height (points above it), stepped down past the labels of points close to it
-    (within a tenth of a decade and 4% of the accuracy range), so equal-budget labels stay readable."""
-    accuracies = [p.accuracy for p in points]
-    near = 0.04 * max(max(accuracies) - min(accuracies), 0.1)
-    offsets: dict[ParamPoint, float] = {}
-    for point in sorted(points, key=lambda p: (-p.accuracy, p.params)):
-        close = [
-            other
-            for other in offsets
-            if abs(math.log10(max(other.params, 1)) - math.log10(max(point.params, 1))) < 0.1
-            and abs(other.accuracy - point.accuracy) < near
-        ]
-        offsets[point] = 4.0 - 9.0 * len(close)
-    return offsets
+# Where a point's label may go, tried in order: (x, y) offset in points, and the side the text extends to.
+LABEL_SPOTS = [(4, 3, "left"), (4, -10, "left"), (-4, 3, "right"), (-4, -10, "right"),
+               (4, 12, "left"), (4, -19, "left"), (-4, 12, "right"), (-4, -19, "right")]  # fmt: skip
+MARKER_HALF = 4  # points: the half size of a marker's box, kept free of other points' labels
+LABEL_GAP = 2  # points kept free around each placed label
+
+
+def _place_labels(ax: Any, labels: Sequence[tuple[float, float, str]]) -> None:
+    """Annotate each ``(x, y, text)`` at the first spot of :data:`LABEL_SPOTS` whose box overlaps no label
+    placed before it and no other point (the first spot when none is free), highest point first. The axes
+    must be laid out (scale, limits, figure layout) so that boxes are measured where they will be drawn."""
+    renderer = FigureCanvasAgg(ax.figure).get_renderer()
+    ax.autoscale_view()  # the limits the points will be drawn in (matplotlib settles them lazily)
+    pad = MARKER_HALF * ax.figure.dpi / 72
+    centres = [ax.transData.transform((x, y)) for x, y, _ in labels]
+    taken = [Bbox.from_extents(cx - pad, cy - pad, cx + pad, cy + pad) for cx, cy in centres]
+
+    def annotate(x: float, y: float, text: str, spot: tuple[int, int, str]) -> Any:
+        dx, dy, side = spot
+        return ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=side)
+
+    for index in sorted(range(len(labels)), key=lambda i: -labels[i][1]):
+        others = [box for i, box in enumerate(taken) if i != index]  # its own marker aside
+        for spot in LABEL_SPOTS:
+            note = annotate(*labels[index], spot)
+            if not any(note.get_window_extent(renderer).overlaps(box) for box in others):
+                break
+            note.remove()
+        else:
+            note = annotate(*labels[index], LABEL_SPOTS[0])
+        taken.append(note.get_window_extent(renderer).padded(LABEL_GAP * ax.figure.dpi / 72))
 
 
 def accuracy_vs_params(
@@ -372,9 +389,10 @@ def accuracy_vs_params(
     budgets = sorted({p.budget for points in panels.values() for p in points if p.budget is not None})
     fig = InlineFigure(figsize=(1.0 + 6.0 * len(panels), 4.8))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    panel_labels: list[tuple[Any, list[tuple[float, float, str]]]] = []
     for ax, (name, points) in zip(axes, panels.items(), strict=True):
         shown: set[str] = set()
-        label_offsets = _label_offsets(points)
+        labels = []
         for point in points:
             group = None if point.budget is None else budgets.index(point.budget)
             legend = OWN_SIZE if point.budget is None else budget_legend(point.budget)
@@ -389,8 +407,7 @@ def accuracy_vs_params(
             )
             shown.add(legend)
             text = point.label if point.params else f"{point.label} (0)"
-            ax.annotate(text, (max(point.params, 1), 100 * point.accuracy), xytext=(4, label_offsets[point]),
-                        textcoords="offset points", fontsize=7)  # fmt: skip
+            labels.append((max(point.params, 1), 100 * point.accuracy, text))
         for group, budget in enumerate(budgets):
             if any(p.budget == budget for p in points):
                 colour = f"C{group}"
@@ -403,5 +420,9 @@ def accuracy_vs_params(
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+        panel_labels.append((ax, labels))
     fig.suptitle(title)
+    fig.tight_layout()  # the layout the labels are measured in
+    for ax, labels in panel_labels:
+        _place_labels(ax, labels)
     return _finish(fig, save)
