@@ -81,7 +81,7 @@ def test_the_budget_picks_the_closest_count_of_the_backbone_in_use(method: str, 
 # PEFT types on tiny_vit()'s qkv (d -> 3d) in each of its 4 blocks, counted from PEFT's layer shapes.
 PEFT_COUNTS = {
     "LORA": ("r", lambda r: DEPTH * (WIDTH * r + r * 3 * WIDTH)),  # A (r x d) and B (3d x r)
-    "HRA": ("r", lambda r: DEPTH * r * WIDTH),  # r Householder vectors of the input width
+    "LOHA": ("r", lambda r: DEPTH * 2 * (WIDTH * r + r * 3 * WIDTH)),  # two Hadamard-multiplied LoRA pairs
     "FOURIERFT": ("n_frequency", lambda n: DEPTH * n),  # n spectral coefficients per layer
 }
 

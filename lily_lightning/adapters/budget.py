@@ -48,16 +48,15 @@ class SizeKnob:
         return replace(config, **{self.field_in(config): value})
 
 
-# PEFT type -> the field of its config that sizes it. Each count grows with it (counted on ViT-B/16 with peft
-# 0.19: LoKr's until its second factor is full rank, where fit_budget says the count stops growing). No knob:
-# OFT's and BOFT's block counts shrink the count as they grow; VeRA trains d_out + r scales per layer, so
-# its r (the shared frozen projections' rank) barely moves the count (400,000 on ViT-B/16's qkv would take
-# r = 31,029); the other types have no one size.
+# PEFT type -> the field of its config that sizes it; each count grows in proportion to it. No knob: OFT's
+# and BOFT's block counts shrink the count as they grow; LoKr's count stops growing, then falls, once its
+# second factor is full rank (DINOv2-S qkv: 17,664 at r 16, 16,512 at r 32); VeRA trains d_out + r scales per
+# layer, so its r (the shared frozen projections' rank) barely moves the count (400,000 on ViT-B/16's qkv
+# would take r = 31,029); HRA starts at the pretrained weights only at an even r (its reflections pair up),
+# which a budget's pick need not be; the other types have no one size.
 PEFT_SIZE_FIELDS = {
     "LORA": "r",  # DoRA too (use_dora)
     "LOHA": "r",
-    "LOKR": "r",
-    "HRA": "r",  # Householder reflections per layer
     "LILY": "r",
     "FOURIERFT": "n_frequency",  # spectral coefficients per layer
 }
