@@ -27,9 +27,8 @@ from lily_lightning.data.sampling import GlobalBatchSampler
 TIMEOUT = 300  # seconds per launch; a healthy one takes ~20-40 s on a loaded 2-core machine
 N_TEST = 49  # 3 global eval batches of 16 + 1 image: not a multiple of 2, and one rank's last share is empty
 # Per process: batch 8 and eval batch 8 on 2 processes vs 16 and 16 on one (32 training images: 2 steps).
-# Ragged evaluation shares leave a rank an empty batch; timm's test_vit resizes its position table per input
-# (dynamic_img_size), which cannot reshape an empty batch, so these runs use a fixed-size ViT.
-BACKBONE = "vit_tiny_patch16_224"
+# Ragged evaluation shares leave a rank an empty batch, which timm's test_vit (the tiny runs' backbone) takes
+# only through vit.inject.accept_empty_batches: its position table follows the input size (dynamic_img_size).
 ONE = ["--data.init_args.batch_size", "16", "--data.init_args.eval_batch_size", "16"]
 TWO = ["--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8"]
 # Drop-path off (it draws per process); a progress bar on, so the plain progress lines are exercised.
@@ -89,7 +88,7 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def one_process(task: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference: 2 epochs (4 steps) of one process with batch 16; returns its run folder."""
-    config = tiny_run_config(tmp_path_factory.mktemp("one"), task, epochs=2, backbone=BACKBONE)
+    config = tiny_run_config(tmp_path_factory.mktemp("one"), task, epochs=2)
     assert main(["fit", "--config", str(config), *COMMON, *ONE]) == 0
     return config.parent
 
@@ -123,7 +122,7 @@ def test_global_batches_are_shared_out_and_eval_counts_each_image_once(
 
 def test_two_processes_train_like_one_with_sync_routing_and_resume(task: Path, one_process: Path) -> None:
     expected = trainable_tensors(one_process / "run" / "checkpoints" / "last.ckpt")
-    config = tiny_run_config(one_process.parent / "two", task, epochs=2, backbone=BACKBONE)
+    config = tiny_run_config(one_process.parent / "two", task, epochs=2)
     # Stopped after the first epoch (a killed run), then resumed under DDP with `--ckpt_path last`.
     first = launch(cli("fit", config, *TWO, *ddp(), "--trainer.max_steps", "2"), config.parent)
     launch(cli("fit", config, *TWO, *ddp(), "--ckpt_path", "last"), config.parent)
@@ -136,7 +135,7 @@ def test_two_processes_train_like_one_with_sync_routing_and_resume(task: Path, o
 
 def test_without_sync_routing_two_processes_train_another_model(task: Path, one_process: Path) -> None:
     expected = trainable_tensors(one_process / "run" / "checkpoints" / "last.ckpt")
-    config = tiny_run_config(one_process.parent / "local", task, epochs=2, backbone=BACKBONE)
+    config = tiny_run_config(one_process.parent / "local", task, epochs=2)
     launch(cli("fit", config, *TWO, *ddp(), "--model.lily.sync_routing", "false"), config.parent)
     local = trainable_tensors(config.parent / "run" / "checkpoints" / "last.ckpt")
     assert max_difference(local, expected) > 1e-4
@@ -144,7 +143,7 @@ def test_without_sync_routing_two_processes_train_another_model(task: Path, one_
 
 def test_two_nodes_by_torchrun_train_like_one_process(task: Path, one_process: Path) -> None:
     expected = trainable_tensors(one_process / "run" / "checkpoints" / "last.ckpt")
-    config = tiny_run_config(one_process.parent / "nodes", task, epochs=2, backbone=BACKBONE)
+    config = tiny_run_config(one_process.parent / "nodes", task, epochs=2)
     port = str(free_port())
     nodes = [
         subprocess.Popen(

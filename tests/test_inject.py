@@ -221,3 +221,21 @@ def test_timm_state_dict_has_timm_names_even_for_nested_wrappers() -> None:
     expected = backbone.state_dict()
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_a_dynamic_size_vit_takes_a_batch_of_no_image_as_ddp_evaluation_hands_one() -> None:
+    from lily_lightning.vit.inject import accept_empty_batches
+
+    images = torch.rand(2, 3, 32, 32)
+    plain = timm.create_model("test_vit", img_size=32, num_classes=3).eval()  # dynamic_img_size=True
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        plain(images[:0])  # timm's own view(B, -1, C)
+    model = inject(accept_empty_batches(copy.deepcopy(plain)), LilyConfig(rank=2)).eval()
+    with torch.no_grad():
+        assert model(images[:0]).shape == (0, 3)
+        # Non-empty batches take timm's own path: the same logits as the model without the wrapper.
+        reference = inject(copy.deepcopy(plain), LilyConfig(rank=2)).eval()
+        reference.load_state_dict(model.state_dict())
+        assert torch.equal(model(images), reference(images))
+        twin = copy.deepcopy(model)  # the wrapper binds to the copy, not to the model it was copied from
+        assert twin._pos_embed.__self__ is twin and torch.equal(twin(images), model(images))

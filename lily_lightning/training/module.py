@@ -41,7 +41,7 @@ from ..adapters.hf_peft import EXAMPLE as PEFT_EXAMPLE
 from ..errors import UsageError
 from ..seeding import configured_seed, epoch_seed, run_seed
 from ..vit.budget import sized_to_budget
-from ..vit.inject import ADAPTERS_ATTR, inject
+from ..vit.inject import ADAPTERS_ATTR, accept_empty_batches, inject
 from ..vit.state import count_parameters, state_problems
 from ..vit.weights import load_backbone_weights
 from .checkpointing import DIVERGED_HINT, class_names_problem, non_finite_summary
@@ -116,7 +116,7 @@ def create_backbone(
         ) from e
     if weights is not None:
         load_backbone_weights(model, weights)
-    return model
+    return accept_empty_batches(model)
 
 
 def adapter_config(method: str, settings: dict[str, Any]) -> AdapterConfig | None:

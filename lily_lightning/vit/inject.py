@@ -15,6 +15,7 @@ method is HuggingFace PEFT's layers instead of sites (``peft_bridge``), recorded
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -389,6 +390,26 @@ def _attach(model: nn.Module, adapters: nn.ModuleDict) -> None:
     model.add_module(ADAPTERS_ATTR, adapters)
     model.register_state_dict_post_hook(_mark_merged_state)
     model.register_load_state_dict_pre_hook(_refuse_merged_loads)
+
+
+def _pos_embed_any_batch(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``_pos_embed``, which with ``dynamic_img_size`` reshapes by ``view(B, -1, C)``: a batch of no
+    image cannot take that (-1 is ambiguous), so it gets the positions of one zero image, cut to none."""
+    position = type(self)._pos_embed
+    if x.shape[0] == 0:
+        return position(self, x.new_zeros(1, *x.shape[1:]))[:0]
+    return position(self, x)
+
+
+def accept_empty_batches(model: nn.Module) -> nn.Module:
+    """Let ``model`` (a timm ViT) run a batch of no image, as DDP evaluation hands a process whose share of a
+    ragged last global batch is empty (``data.sampling.GlobalBatchSampler``): it still runs the forward, so
+    every Lily site joins the routing all-reduce. Only a ViT with ``dynamic_img_size`` needs it (timm's
+    ``test_vit``; ViT-B/16, DINOv2 and CLIP ViTs are built without); its ``_pos_embed`` is wrapped on the
+    instance (no collective runs there). Returns ``model``."""
+    if getattr(model, "dynamic_img_size", False) and hasattr(type(model), "_pos_embed"):
+        model._pos_embed = types.MethodType(_pos_embed_any_batch, model)  # a copy binds to its own model
+    return model
 
 
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
