@@ -62,9 +62,13 @@ PEFT_SIZE_FIELDS = {
 }
 
 
+def _peft_settings(config: Any) -> Mapping[str, Any]:
+    """A PEFT config's mapping: ``HFPeftConfig.settings``, or the saved mapping itself."""
+    return config.settings if isinstance(config, HFPeftConfig) else config
+
+
 def _peft_type(config: Any) -> str:
-    settings = config.settings if isinstance(config, HFPeftConfig) else config
-    return str(settings.get("peft_type")).upper()
+    return str(_peft_settings(config).get("peft_type")).upper()
 
 
 def sized_methods() -> str:
@@ -85,8 +89,7 @@ class PeftSizeKnob(SizeKnob):
         return PEFT_SIZE_FIELDS[_peft_type(config)]
 
     def value(self, config: Any) -> int:
-        settings = config.settings if isinstance(config, HFPeftConfig) else config
-        return settings[self.field_in(config)]
+        return _peft_settings(config)[self.field_in(config)]
 
     def sized(self, config: Any, value: int) -> Any:
         if isinstance(config, HFPeftConfig):

@@ -211,7 +211,7 @@ def planned_peft_parameters(model: nn.Module, config: HFPeftConfig) -> int:
     }
     skeleton = copy.deepcopy(model, meta)  # the module tree, every tensor replaced by its meta twin
     with torch.device("meta"):
-        inject_peft(skeleton, HFPeftConfig(dict(config.settings)))
+        inject_peft(skeleton, HFPeftConfig(config.settings))  # a copy: injection writes its size field
     return sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
 
 
